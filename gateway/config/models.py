@@ -1,0 +1,159 @@
+"""The gateway's TOML config as typed models; devices are a discriminated union on `type`.
+
+Structural checks live here; references between sections are checked in a second pass
+(`gateway.config.loader`), so that every problem is reported with its dotted path at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from gateway.config.fragments import (
+    Name,
+    NonNegativeFloat,
+    Port,
+    PositiveFloat,
+    PositiveInt,
+    SecretRef,
+    Strict,
+    int_range,
+)
+from retrofit_adapters.simulated.config import SimulatedDevice
+
+# Every adapter's device model, in one tuple; a new adapter adds its model here.
+DEVICE_MODELS: tuple[type[Strict], ...] = (SimulatedDevice,)
+DEVICE_TYPES: tuple[str, ...] = ("simulated",)
+
+# With one member a Union collapses, so the discriminator is added once there are two.
+Device = (
+    SimulatedDevice
+    if len(DEVICE_MODELS) == 1
+    else Annotated[
+        Union[DEVICE_MODELS], Field(discriminator="type")  # noqa: UP007
+    ]
+)
+
+SINK_SCHEMES = ("mqtt", "mqtts", "sqlite")
+
+
+def _check_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in SINK_SCHEMES:
+        raise PydanticCustomError(
+            "url",
+            "scheme must be one of {schemes}, e.g. mqtt://127.0.0.1:1883 or sqlite:///var/fog.db",
+            {"schemes": ", ".join(SINK_SCHEMES)},
+        )
+    if parts.scheme == "sqlite" and not parts.path:
+        raise PydanticCustomError(
+            "url", "sqlite URL needs a path: sqlite:///relative or sqlite:////absolute"
+        )
+    if parts.scheme != "sqlite":
+        if not parts.hostname:
+            raise PydanticCustomError("url", "MQTT URL needs a host: mqtt://host:port")
+        if parts.password:
+            raise PydanticCustomError(
+                "secret_inline",
+                "no password in the URL; use [uplink.mqtt] password = {{ file = ... }} or {{ env = ... }}",
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise PydanticCustomError("url", "bad port: {err}", {"err": str(exc)}) from exc
+    return v
+
+
+SinkUrl = Annotated[str, AfterValidator(_check_url)]
+
+
+class GatewaySection(Strict):
+    id: Name
+    site: Name
+    data_dir: str = "var"  # queue, audit log and state; relative to the config file
+
+
+class HttpSection(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8080  # type: ignore[valid-type]
+
+
+class TlsConfig(Strict):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip hostname and certificate checks (test rigs only)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise PydanticCustomError("tls", "give both `cert_file` and `key_file`, or neither")
+        return self
+
+
+class MqttOptions(Strict):
+    version: Literal["3.1.1", "5"] = "3.1.1"
+    client_id: str | None = None  # default: fogmesh-<site>-<gateway id>
+    username: str | None = None
+    password: SecretRef | None = None
+    tls: TlsConfig | None = None  # also implied by an mqtts:// URL
+    keepalive_s: int_range(5, 3600) = 30  # type: ignore[valid-type]
+    inflight: int_range(1, 65535) = 256  # type: ignore[valid-type]  # unacknowledged QoS 1 messages
+
+
+class QueueConfig(Strict):
+    path: str | None = None  # default: <data_dir>/queue.db
+    max_bytes: PositiveInt = 256 * 1024 * 1024
+    max_age_s: PositiveFloat = 7 * 24 * 3600.0
+    full_policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    synchronous: Literal["normal", "full"] = "normal"  # "full" also survives power loss
+
+
+class UplinkSection(Strict):
+    url: SinkUrl = "sqlite:///var/fog.db"
+    drain_rate_msgs_per_s: PositiveFloat = 2000.0  # backlog rate while live data goes first
+    retry_initial_ms: PositiveInt = 500
+    retry_max_ms: PositiveInt = 30_000
+    flush_timeout_s: NonNegativeFloat = 5.0  # at shutdown, time allowed to send what is queued
+    mqtt: MqttOptions = MqttOptions()
+    queue: QueueConfig = QueueConfig()
+
+
+class EdgeSection(Strict):
+    window_s: PositiveFloat = 60.0  # default summary window of tags that set none
+
+
+class RuleConfig(Strict):
+    """A threshold event on one tag: active when beyond the limit for `for_ms`, cleared with hysteresis."""
+
+    name: Name
+    device: Name
+    tag: Name
+    above: float | None = None
+    below: float | None = None
+    hysteresis: NonNegativeFloat = 0.0
+    for_ms: int_range(0, 86_400_000) = 0  # type: ignore[valid-type]
+    severity: Literal["info", "warning", "critical"] = "warning"
+
+    @model_validator(mode="after")
+    def _limit(self) -> RuleConfig:
+        if self.above is None and self.below is None:
+            raise PydanticCustomError("rule", "give `above`, `below`, or both")
+        if self.above is not None and self.below is not None and self.below >= self.above:
+            raise PydanticCustomError(
+                "rule", "`below` must be less than `above` (an alarm band outside below..above)"
+            )
+        return self
+
+
+class GatewayConfig(Strict):
+    gateway: GatewaySection
+    http: HttpSection = HttpSection()
+    uplink: UplinkSection = UplinkSection()
+    edge: EdgeSection = EdgeSection()
+    devices: list[Device] = []  # type: ignore[valid-type]
+    rules: list[RuleConfig] = []
