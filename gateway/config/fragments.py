@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -25,7 +25,14 @@ def _check_name(v: str) -> str:
     return v
 
 
-Name = Annotated[str, AfterValidator(_check_name), Field(pattern=NAME_RE.pattern)]
+# The constraints behind an AfterValidator never reach the JSON schema (pydantic drops or
+# misnames them), so each type states its schema for editors explicitly.
+Name = Annotated[
+    str,
+    AfterValidator(_check_name),
+    Field(pattern=NAME_RE.pattern),
+    WithJsonSchema({"type": "string", "pattern": NAME_RE.pattern}),
+]
 
 
 def int_range(lo: int, hi: int) -> object:
@@ -36,7 +43,12 @@ def int_range(lo: int, hi: int) -> object:
             raise PydanticCustomError("range", "must be {lo}..{hi}", {"lo": lo, "hi": hi})
         return v
 
-    return Annotated[int, AfterValidator(check), Field(ge=lo, le=hi)]
+    return Annotated[
+        int,
+        AfterValidator(check),
+        Field(ge=lo, le=hi),
+        WithJsonSchema({"type": "integer", "minimum": lo, "maximum": hi}),
+    ]
 
 
 def positive(v: float) -> float:
@@ -51,16 +63,32 @@ def non_negative(v: float) -> float:
     return v
 
 
-PositiveFloat = Annotated[float, AfterValidator(positive), Field(gt=0)]
-NonNegativeFloat = Annotated[float, AfterValidator(non_negative), Field(ge=0)]
-PositiveInt = Annotated[int, AfterValidator(positive), Field(gt=0)]
+PositiveFloat = Annotated[
+    float,
+    AfterValidator(positive),
+    Field(gt=0),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+]
+NonNegativeFloat = Annotated[
+    float,
+    AfterValidator(non_negative),
+    Field(ge=0),
+    WithJsonSchema({"type": "number", "minimum": 0}),
+]
+PositiveInt = Annotated[
+    int,
+    AfterValidator(positive),
+    Field(gt=0),
+    WithJsonSchema({"type": "integer", "exclusiveMinimum": 0}),
+]
 Port = int_range(1, 65535)
 
 
 class Strict(BaseModel):
     """Base of every config model: no unknown keys, no silent type coercion."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # TOML has inf and nan; neither is a sensible period, limit or deadband.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class SecretRef(Strict):

@@ -6,7 +6,7 @@ Structural checks live here; references between sections are checked in a second
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, model_validator
@@ -15,7 +15,6 @@ from pydantic_core import PydanticCustomError
 from gateway.config.fragments import (
     Name,
     NonNegativeFloat,
-    Port,
     PositiveFloat,
     PositiveInt,
     SecretRef,
@@ -29,13 +28,15 @@ DEVICE_MODELS: tuple[type[Strict], ...] = (SimulatedDevice,)
 DEVICE_TYPES: tuple[str, ...] = ("simulated",)
 
 # With one member a Union collapses, so the discriminator is added once there are two.
-Device = (
-    SimulatedDevice
-    if len(DEVICE_MODELS) == 1
-    else Annotated[
-        Union[DEVICE_MODELS], Field(discriminator="type")  # noqa: UP007
-    ]
-)
+# mypy sees the plain union of the device models.
+if TYPE_CHECKING:
+    Device = SimulatedDevice
+else:
+    Device = (
+        SimulatedDevice
+        if len(DEVICE_MODELS) == 1
+        else Annotated[Union[DEVICE_MODELS], Field(discriminator="type")]  # noqa: UP007
+    )
 
 SINK_SCHEMES = ("mqtt", "mqtts", "sqlite")
 
@@ -48,7 +49,8 @@ def _check_url(v: str) -> str:
             "scheme must be one of {schemes}, e.g. mqtt://127.0.0.1:1883 or sqlite:///var/fog.db",
             {"schemes": ", ".join(SINK_SCHEMES)},
         )
-    if parts.scheme == "sqlite" and not parts.path:
+    if parts.scheme == "sqlite" and (parts.netloc or not parts.path):
+        # sqlite://var/fog.db would silently make "var" a host and open /fog.db
         raise PydanticCustomError(
             "url", "sqlite URL needs a path: sqlite:///relative or sqlite:////absolute"
         )
@@ -79,7 +81,7 @@ class GatewaySection(Strict):
 class HttpSection(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: Port = 8080  # type: ignore[valid-type]
+    port: int_range(0, 65535) = 8080  # type: ignore[valid-type]  # 0: any free port
 
 
 class TlsConfig(Strict):
@@ -125,6 +127,9 @@ class UplinkSection(Strict):
 
 class EdgeSection(Strict):
     window_s: PositiveFloat = 60.0  # default summary window of tags that set none
+    # A window stays open this long past its end for samples still on their way (read before
+    # the boundary, processed after it); later ones are counted as late and dropped.
+    grace_s: NonNegativeFloat = 2.0
 
 
 class RuleConfig(Strict):
@@ -155,5 +160,5 @@ class GatewayConfig(Strict):
     http: HttpSection = HttpSection()
     uplink: UplinkSection = UplinkSection()
     edge: EdgeSection = EdgeSection()
-    devices: list[Device] = []  # type: ignore[valid-type]
+    devices: list[Device] = []
     rules: list[RuleConfig] = []
