@@ -70,6 +70,7 @@ class DeviceStatus:
     errors_total: int = 0
     reconnects_total: int = 0
     bad_data_total: int = 0
+    skipped_polls_total: int = 0  # poll deadlines missed because a poll overran its period
     consecutive_failures: int = 0
     poll_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
