@@ -6,8 +6,8 @@
     │   ├── DeviceTimeout      a device did not answer in time
     │   └── BadData            a device answered with values that make no sense
     ├── StoreError             the durable queue or a fog store could not do its job
-    │   └── QueueFull          the queue is full and its policy is `reject_new`
-    └── UplinkError            the fog sink refused or lost a connection
+    ├── UplinkError            the fog sink refused or lost a connection
+    └── WireError              a message can't be encoded, or bytes are not a valid envelope
 
 Vendor exceptions are mapped at the boundary and raised `from` the original.
 """
@@ -54,9 +54,9 @@ class StoreError(FogmeshError):
     pass
 
 
-class QueueFull(StoreError):
-    pass
-
-
 class UplinkError(FogmeshError):
     pass
+
+
+class WireError(FogmeshError):
+    """A message could not be encoded, or bytes from the wire are not a valid envelope."""
