@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
 import time
@@ -21,9 +20,9 @@ from gateway.api import ApiServer, Assessment, DropWatch, assess, build_router
 from gateway.http import Limits
 from gateway.model import Counter, DeviceStatus, Health, Quality, Sample, UplinkStats
 from gateway.openapi import openapi_document
+from hil_tests.gateway.http_client import Addr, fetch
 
 T = TypeVar("T")
-Addr = tuple[str, int]
 NOW = time.time()
 ODD_ID = 'line "A"\\B/\u00e9'  # quote, backslash, slash and non-ASCII in one id
 
@@ -108,28 +107,6 @@ def healthy_view() -> FakeView:
 async def serve(view: FakeView, limits: Limits | None = None) -> AsyncIterator[Addr]:
     async with ApiServer(view, "127.0.0.1", 0, limits=limits) as api:
         yield api.address
-
-
-def _fetch(
-    addr: Addr, method: str, path: str, body: bytes | None, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*addr, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
-async def fetch(
-    addr: Addr,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    return await asyncio.to_thread(_fetch, addr, method, path, body, headers or {})
 
 
 async def get_json(addr: Addr, path: str) -> tuple[int, Any]:

@@ -25,9 +25,9 @@ from gateway.http import (
     json_response,
     text_response,
 )
+from hil_tests.gateway.http_client import Addr, fetch
 
 T = TypeVar("T")
-Addr = tuple[str, int]
 FAST = Limits(header_timeout_s=0.3, body_timeout_s=0.3, keepalive_timeout_s=0.3)
 
 
@@ -97,28 +97,6 @@ def make_router() -> Router:
 async def serve(limits: Limits = FAST, router: Router | None = None) -> AsyncIterator[Addr]:
     async with HttpServer(router or make_router(), "127.0.0.1", 0, limits=limits) as server:
         yield server.address
-
-
-def _fetch(
-    addr: Addr, method: str, path: str, body: bytes | None, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(*addr, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
-async def fetch(
-    addr: Addr,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    return await asyncio.to_thread(_fetch, addr, method, path, body, headers or {})
 
 
 async def raw(addr: Addr, data: bytes, *, timeout_s: float = 3.0) -> bytes:

@@ -1,0 +1,109 @@
+"""The `fogmesh` command line as a user meets it: exit codes, one clear line per error, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fogmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd or ROOT,
+    )
+
+
+GOOD = """
+[gateway]
+id = "gw1"
+site = "plant-a"
+
+[[devices]]
+id = "pump1"
+type = "simulated"
+period_ms = 100
+"""
+
+BAD = """
+[gateway]
+id = "gw1"
+site = "plant-a"
+
+[[devices]]
+id = "pump1"
+type = "simulated"
+period_ms = -5
+
+[[rules]]
+name = "r1"
+device = "pump1"
+tag = "vibration_mm_s"
+"""
+
+
+def test_check_good_config_exits_0(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(GOOD)
+    r = fogmesh("gateway", "check", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "ok (1 devices, 0 rules" in r.stdout
+
+
+def test_check_bad_config_prints_every_problem_with_its_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(BAD)
+    r = fogmesh("gateway", "check", str(cfg))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert f"{cfg}: devices[0].period_ms: must be greater than 0" in lines
+    assert f"{cfg}: rules[0]: give `above`, `below`, or both" in lines
+    assert lines[-1] == f"{cfg}: 2 problem(s)"
+    assert "Traceback" not in r.stderr
+
+
+def test_check_json(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(BAD)
+    r = fogmesh("gateway", "check", "--json", str(cfg))
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert out["ok"] is False
+    assert {"path": "devices[0].period_ms", "message": "must be greater than 0"} in out["problems"]
+
+
+def test_missing_config_file_is_one_clear_line(tmp_path: Path) -> None:
+    r = fogmesh("gateway", "run", str(tmp_path / "nope.toml"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("fogmesh: error:")
+    assert "nope.toml" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_schema_is_json_schema_of_the_config() -> None:
+    r = fogmesh("gateway", "schema")
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert {"gateway", "uplink", "devices", "rules"} <= set(schema["properties"])
+
+
+def test_shipped_example_and_demo_configs_check_clean() -> None:
+    for cfg in ("tools/configs/example.toml", "tools/configs/demo.toml"):
+        r = fogmesh("gateway", "check", cfg)
+        assert r.returncode == 0, (cfg, r.stderr)
+
+
+def test_usage_errors_exit_2() -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["no-such-command"])
+    assert exc.value.code == 2

@@ -1,0 +1,208 @@
+"""The `fogmesh` command line: one `command_<name>(args) -> int` function per command.
+
+Exit codes: 0 success, 1 a fogmesh error or a failed check, 2 bad usage, 130 interrupted.
+A FogmeshError prints one clear line; a traceback appears only with `-v`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from gateway.errors import ConfigError, FogmeshError
+
+log = logging.getLogger("fogmesh")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+# --- gateway -------------------------------------------------------------------------------
+
+
+def command_gateway_check(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        if args.json:
+            _print_json(
+                {
+                    "ok": False,
+                    "problems": [{"path": p.path, "message": p.message} for p in exc.problems],
+                }
+            )
+        else:
+            for p in exc.problems:
+                print(f"{args.config}: {p}", file=sys.stderr)
+            print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    cfg = loaded.config
+    if args.json:
+        _print_json({"ok": True, "devices": len(cfg.devices), "rules": len(cfg.rules)})
+    else:
+        print(
+            f"{args.config}: ok ({len(cfg.devices)} devices, {len(cfg.rules)} rules, uplink {cfg.uplink.url})"
+        )
+    return 0
+
+
+def command_gateway_schema(args: argparse.Namespace) -> int:
+    from gateway.config import config_json_schema
+
+    _print_json(config_json_schema())
+    return 0
+
+
+def command_gateway_run(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.runtime import run_until_signal
+
+    loaded = load_config(args.config)
+    asyncio.run(run_until_signal(loaded))
+    return 0
+
+
+# --- fog -----------------------------------------------------------------------------------
+
+
+def command_fog_tail(args: argparse.Namespace) -> int:
+    from tools.fog_cli import fog_tail
+
+    return fog_tail(args)
+
+
+# --- demo and benchmarks -------------------------------------------------------------------
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from tools.demo import run_demo
+
+    return run_demo(args)
+
+
+def command_bench_uplink(args: argparse.Namespace) -> int:
+    from tools.bench_uplink import run_uplink_bench
+
+    result = run_uplink_bench(messages=args.messages, outages=args.outages, progress=not args.json)
+    _print_json(result)
+    return 0 if result["lost"] == 0 else 1
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        return version("fogmesh")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fogmesh",
+        description="Edge-heavy factory IoT: ESP32 mesh nodes, a retrofit gateway, a durable fog uplink.",
+    )
+    p.add_argument("--version", action="version", version=f"fogmesh {_version()}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gw = sub.add_parser("gateway", help="check, describe and run a gateway config")
+    gws = gw.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    c = gws.add_parser(
+        "check", help="validate a config: every problem with its path; exit 1 if any"
+    )
+    c.add_argument("config")
+    c.add_argument("--json", action="store_true", help="machine-readable result")
+    c.set_defaults(func=command_gateway_check)
+    s = gws.add_parser("schema", help="print the config's JSON Schema (for editor completion)")
+    s.set_defaults(func=command_gateway_schema)
+    r = gws.add_parser("run", help="run the gateway until SIGINT/SIGTERM")
+    r.add_argument("config")
+    r.set_defaults(func=command_gateway_run)
+
+    fog = sub.add_parser("fog", help="look at what reached the fog")
+    fogs = fog.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    t = fogs.add_parser(
+        "tail", help="print what arrived at a fog (sqlite:///path or mqtt://host:port)"
+    )
+    t.add_argument("url")
+    t.add_argument("--follow", "-f", action="store_true", help="keep printing as messages arrive")
+    t.add_argument(
+        "--gaps",
+        action="store_true",
+        help="report missing seqs per gateway and exit 1 if any were lost",
+    )
+    t.add_argument(
+        "--json", action="store_true", help="one JSON object per message (or the gap report)"
+    )
+    t.add_argument("--seconds", type=float, default=None, help="stop following after this long")
+    t.add_argument(
+        "--username", default=None, help="MQTT user name (password from FOGMESH_MQTT_PASSWORD)"
+    )
+    t.set_defaults(func=command_fog_tail)
+
+    d = sub.add_parser(
+        "demo", help="run a virtual plant through the gateway into an embedded fog store"
+    )
+    d.add_argument("--seconds", type=float, default=20.0)
+    d.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary object and nothing else on stdout",
+    )
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="keep the queue and fog store here (default: a temporary folder)",
+    )
+    d.add_argument("--quiet", "-q", action="store_true", help="no live lines")
+    d.set_defaults(func=command_demo)
+
+    b = sub.add_parser("bench", help="benchmarks that print JSON")
+    bs = b.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    u = bs.add_parser(
+        "uplink", help="store-and-forward through a local Mosquitto with broker outages"
+    )
+    u.add_argument("--messages", type=int, default=20000)
+    u.add_argument("--outages", type=int, default=3)
+    u.add_argument(
+        "--json", action="store_true", help="JSON only (always JSON; this silences progress)"
+    )
+    u.set_defaults(func=command_bench_uplink)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Command = args.func
+    try:
+        return func(args)
+    except FogmeshError as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"fogmesh: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
