@@ -568,28 +568,21 @@ class _MqttTail:
                 return self.delivered
 
     async def _connect(self) -> Any:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        from gateway.sinks.mqtt import AsyncPaho, ssl_context
+        from gateway.sinks.mqtt import AsyncPaho, new_client
 
         v5 = self.options.version == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
+        client = new_client(
+            self.options,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else not self.persistent,
-            reconnect_on_failure=False,
+            username=self.username,
+            password=self.password,
+            tls=self.tls,
+            clean=not self.persistent,
             manual_ack=self.store is not None,
         )
-        if self.username is not None or self.password is not None:
-            client.username_pw_set(self.username, self.password)
-        if self.tls:
-            client.tls_set_context(ssl_context(self.options.tls))
-            if self.options.tls is not None and self.options.tls.insecure:
-                client.tls_insecure_set(True)
         client.on_message = lambda _c, _u, msg: self._batch.append(msg)
         subscribed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 

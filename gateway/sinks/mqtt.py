@@ -67,6 +67,35 @@ def ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
     return ctx
 
 
+def new_client(
+    options: MqttOptions,
+    *,
+    client_id: str,
+    username: str | None,
+    password: str | None,
+    tls: bool,
+    clean: bool,
+    manual_ack: bool = False,
+) -> mqtt.Client:
+    """A paho client as fogmesh uses it: our own reconnects, credentials and TLS from the config."""
+    v5 = options.version == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else clean,
+        reconnect_on_failure=False,
+        manual_ack=manual_ack,
+    )
+    if username is not None or password is not None:
+        client.username_pw_set(username, password)
+    if tls:
+        client.tls_set_context(ssl_context(options.tls))
+        if options.tls is not None and options.tls.insecure:
+            client.tls_insecure_set(True)
+    return client
+
+
 def _has_data(sock: Any) -> bool:
     # TLS may hold decrypted bytes the kernel no longer reports as readable.
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -341,20 +370,14 @@ class MqttSink(Sink):
         return self._paho is not None and self._paho.connected
 
     def _new_client(self) -> mqtt.Client:
-        v5 = self.options.version == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
+        client = new_client(
+            self.options,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else True,
-            reconnect_on_failure=False,
+            username=self.username,
+            password=self.password,
+            tls=self.tls,
+            clean=True,
         )
-        if self.username is not None or self.password is not None:
-            client.username_pw_set(self.username, self.password)
-        if self.tls:
-            client.tls_set_context(ssl_context(self.options.tls))
-            if self.options.tls is not None and self.options.tls.insecure:
-                client.tls_insecure_set(True)
         if self.state_enabled:
             client.will_set(self.state_topic, b"offline", qos=1, retain=True)
         # 0 = no paho limit: the uplink keeps the window itself, so paho never queues. With a

@@ -34,7 +34,9 @@ def test_demo_reports_every_injected_anomaly_and_loses_nothing(tmp_path: Path) -
     assert result["bytes_in_raw"] > result["bytes_forwarded"] > 0
     assert result["messages_forwarded"] == result["last_seq"]
     assert result["queue_depth_at_exit"] == 0
-    assert result["by_kind"]["event"] >= 7  # each anomaly active then cleared; the last may not clear by 15 s
+    assert (
+        result["by_kind"]["event"] >= 7
+    )  # each anomaly active then cleared; the last may not clear by 15 s
     store = Path(result["fog_store"])
     assert store == tmp_path / "var" / "fog.db"
 
