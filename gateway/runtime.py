@@ -19,6 +19,7 @@ from gateway.config.fragments import DeviceBase
 from gateway.config.loader import LoadedConfig
 from gateway.config.models import GatewayConfig
 from gateway.edge import EdgeStage
+from gateway.errors import FogmeshError
 from gateway.model import KIND_RAW, KIND_STATUS, Counter, DeviceStatus, Health, Outgoing, Sample
 from gateway.model import UplinkStats as UplinkStats
 from gateway.supervisor import DeviceService
@@ -31,6 +32,10 @@ log = logging.getLogger("fogmesh.gateway")
 
 _TICK_S = 0.1  # how often windows and heartbeats are checked
 _EDGE_BATCH = 5000  # samples taken from the bus in one go
+
+
+class GatewayFailed(FogmeshError):
+    """A stage of the gateway itself failed (not a device): the gateway stops instead of idling."""
 
 
 class Gateway:
@@ -190,9 +195,22 @@ class Gateway:
                 len(device_tasks),
                 self.uplink.stats().url,
             )
+            stopped = asyncio.create_task(stop.wait(), name="stop")
+            failed: BaseException | None = None
             try:
-                await stop.wait()
+                # The edge and tick tasks never end on their own: if one does, it failed, and a
+                # gateway that polls but forwards nothing must not go on quietly.
+                await asyncio.wait(
+                    {stopped, edge_task, tick_task}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for t in (edge_task, tick_task):
+                    if t.done() and not t.cancelled():
+                        failed = t.exception() or RuntimeError(f"{t.get_name()} task ended")
+                        log.error(
+                            "gateway stage %r failed; stopping", t.get_name(), exc_info=failed
+                        )
             finally:
+                stopped.cancel()
                 # Devices first, so nothing new arrives; then everything on the bus is processed,
                 # partial windows are flushed and the uplink sends what it can.
                 for t in device_tasks:
@@ -200,13 +218,16 @@ class Gateway:
                 await asyncio.gather(*device_tasks, return_exceptions=True)
                 tick_task.cancel()
                 edge_task.cancel()
-                await asyncio.gather(tick_task, edge_task, return_exceptions=True)
-                self._drain_bus()
-                self._submit(self.edge.flush(self._clock()))
-                self._flush_status()
+                await asyncio.gather(tick_task, edge_task, stopped, return_exceptions=True)
+                if failed is None:
+                    self._drain_bus()
+                    self._submit(self.edge.flush(self._clock()))
+                    self._flush_status()
                 log.info(
                     "gateway stopping: flushing %d queued messages", self.uplink.stats().queue_depth
                 )
+            if failed is not None:
+                raise GatewayFailed(f"gateway stopped: {failed}") from failed
 
     async def _edge_loop(self) -> None:
         while True:

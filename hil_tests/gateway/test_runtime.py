@@ -21,7 +21,7 @@ from gateway.config.models import QueueConfig
 from gateway.fog import FogStore, tail
 from gateway.model import Health
 from gateway.queue import DurableQueue
-from gateway.runtime import Gateway
+from gateway.runtime import Gateway, GatewayFailed
 from hil_tests.gateway.http_client import fetch
 from tools.mosquitto import Mosquitto, find_mosquitto
 
@@ -150,6 +150,24 @@ def test_gateway_end_to_end_with_bad_devices(tmp_path: Path) -> None:
     assert {r["device"] for r in summaries} == {"good"}
     assert summaries[-1]["data"]["partial"] is True  # the window open at shutdown
     assert not any(r["historical"] for r in rows)
+
+
+def test_a_failing_gateway_stage_stops_the_gateway_with_an_error(tmp_path: Path) -> None:
+    loaded = parse_config(
+        PLANT.format(url="sqlite:///var/fog.db", good_extra=""), base_dir=tmp_path
+    )
+
+    async def scenario() -> None:
+        gw = Gateway(loaded)
+
+        def broken(samples: object) -> list[object]:
+            raise ValueError("edge bug")
+
+        gw.edge.process = broken  # type: ignore[method-assign, assignment]
+        await asyncio.wait_for(gw.serve(asyncio.Event()), 10)
+
+    with pytest.raises(GatewayFailed, match="edge bug"):
+        asyncio.run(scenario())
 
 
 # --- against a real broker, with a real `fogmesh gateway run` process -----------------------------
