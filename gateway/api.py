@@ -1,17 +1,20 @@
-"""The gateway's read-only HTTP API (/api/v1/...) and /metrics, built from a GatewayView.
+"""The gateway's HTTP API (/api/v1/...) and /metrics: status read from a GatewayView, and the
+token-guarded routes (tag writes, the audit log, reload) handed to a `Control`.
 
-`ApiServer` is what the runtime starts; `build_router` and `assess` are public for tests and for
-the write routes a later issue adds (see docs/http-api.md).
+`ApiServer` is what the runtime starts; `build_router` and `assess` are public for tests.
+Routes and answers: docs/http-api.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway import metrics
+from gateway.errors import StoreError
 from gateway.http import (
     HttpError,
     HttpServer,
@@ -25,12 +28,15 @@ from gateway.http import (
 )
 from gateway.model import DeviceStatus, Health, UplinkStats
 from gateway.openapi import openapi_document
+from gateway.reload import ReloadRefused
 from gateway.view import GatewayView
+from gateway.writes import WRITES_DISABLED, WriteRefused, WriteRequest, WriteService
 
 __all__ = [
     "API_PREFIX",
     "ApiServer",
     "Assessment",
+    "Control",
     "DropWatch",
     "assess",
     "build_router",
@@ -42,6 +48,21 @@ API_PREFIX = "/api/v1"
 DROP_WINDOW_S = 60.0  # how long a rise in a drop counter keeps affecting the health status
 REJECT_REASON = "reject_new"  # the queue's drop reason when it refuses new messages
 _MAX_IDS = 10  # device ids named in one health reason; the counts say the rest
+AUDIT_LIMIT_DEFAULT = 100
+AUDIT_LIMIT_MAX = 1000
+WRITE_BODY_MAX = 4096  # {"value": ...}; a long string tag fits, a flood does not
+RELOAD_BODY_MAX = 1024  # the body of POST /reload is ignored; some clients send `{}`
+
+
+class Control(Protocol):
+    """What the token-guarded routes need of a running gateway (gateway.runtime.Gateway)."""
+
+    @property
+    def writes(self) -> WriteService: ...
+
+    async def reload(self, who: str) -> dict[str, Any]: ...
+
+    def metric_families(self) -> Sequence[metrics.Family]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +170,10 @@ class _Handlers:
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         drop_window_s: float,
+        control: Control | None,
     ) -> None:
         self._view = view
+        self._control = control
         self._clock = clock
         self._monotonic = monotonic
         self._drops = DropWatch(drop_window_s)
@@ -201,7 +224,68 @@ class _Handlers:
 
     async def metrics(self, request: Request) -> Response:
         self._uplink()
-        return text_response(metrics.render(self._view), content_type=metrics.CONTENT_TYPE)
+        extra = self._control.metric_families() if self._control is not None else ()
+        return text_response(metrics.render(self._view, extra), content_type=metrics.CONTENT_TYPE)
+
+    # --- token-guarded routes -----------------------------------------------------------
+
+    def _guarded(self, request: Request) -> tuple[Control, str]:
+        control = self._control
+        if control is None:
+            raise HttpError(403, WRITES_DISABLED)
+        try:
+            return control, control.writes.auth.require(request.bearer_token)
+        except WriteRefused as refused:
+            raise HttpError(refused.status, refused.message, headers=refused.headers) from None
+
+    async def put_tag(self, request: Request) -> Response:
+        control = self._control
+        if control is None:
+            raise HttpError(403, WRITES_DISABLED)
+        body: object = None
+        body_error: tuple[int, str] | None = None
+        try:
+            body = request.json()
+        except HttpError as err:
+            body_error = (err.status, err.message)
+        write = WriteRequest(
+            device=request.params["id"],
+            tag=request.params["tag"],
+            token=request.bearer_token,
+            remote_addr=request.remote_addr,
+            body=body,
+            body_error=body_error,
+        )
+        try:
+            # Checked, audited (committed) and performed before this returns or raises.
+            result = await control.writes.put(write)
+        except WriteRefused as refused:
+            raise HttpError(refused.status, refused.message, headers=refused.headers) from None
+        return json_response(result)
+
+    async def audit(self, request: Request) -> Response:
+        control, _ = self._guarded(request)
+        raw = request.query.get("limit", [str(AUDIT_LIMIT_DEFAULT)])[-1]
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= AUDIT_LIMIT_MAX:
+            raise HttpError(400, f"limit must be an integer 1..{AUDIT_LIMIT_MAX}")
+        try:
+            entries = await asyncio.to_thread(control.writes.audit.recent, int(raw))
+        except StoreError as exc:
+            raise HttpError(503, f"audit log unavailable: {exc}") from exc
+        return json_response([e.as_dict() for e in entries])
+
+    async def reload(self, request: Request) -> Response:
+        control, who = self._guarded(request)
+        try:
+            report = await control.reload(who)
+        except ReloadRefused as refused:
+            body: dict[str, Any] = {"error": refused.message, "status": refused.status}
+            if refused.problems:
+                body["problems"] = refused.problems
+            if refused.restart_required:
+                body["restart_required"] = refused.restart_required
+            return json_response(body, refused.status)
+        return json_response(report)
 
 
 def build_router(
@@ -210,13 +294,22 @@ def build_router(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     drop_window_s: float = DROP_WINDOW_S,
+    control: Control | None = None,
 ) -> Router:
-    """Every route of the API; the OpenAPI document must describe exactly these."""
-    h = _Handlers(view, clock, monotonic, drop_window_s)
+    """Every route of the API; the OpenAPI document must describe exactly these.
+
+    Without a `control` the token-guarded routes exist but answer 403 (writes disabled).
+    """
+    h = _Handlers(view, clock, monotonic, drop_window_s, control)
     router = Router()
     router.add("GET", f"{API_PREFIX}/health", h.health)
     router.add("GET", f"{API_PREFIX}/devices", h.devices)
     router.add("GET", f"{API_PREFIX}/devices/{{id}}", h.device)
+    router.add(
+        "PUT", f"{API_PREFIX}/devices/{{id}}/tags/{{tag}}", h.put_tag, max_body_bytes=WRITE_BODY_MAX
+    )
+    router.add("GET", f"{API_PREFIX}/audit", h.audit)
+    router.add("POST", f"{API_PREFIX}/reload", h.reload, max_body_bytes=RELOAD_BODY_MAX)
     router.add("GET", f"{API_PREFIX}/openapi.json", h.openapi)
     router.add("GET", "/metrics", h.metrics, plain_errors=True)
     return router
@@ -232,8 +325,9 @@ class ApiServer:
         port: int = 8080,
         *,
         limits: Limits | None = None,
+        control: Control | None = None,
     ) -> None:
-        self._http = HttpServer(build_router(view), host, port, limits=limits)
+        self._http = HttpServer(build_router(view, control=control), host, port, limits=limits)
 
     async def __aenter__(self) -> ApiServer:
         await self._http.__aenter__()

@@ -97,6 +97,7 @@ class Request:
     headers: Mapping[str, str]  # lower-case names; repeated fields joined with ", "
     params: Mapping[str, str] = field(default_factory=dict)  # decoded path parameters
     body: bytes = b""
+    remote_addr: str | None = None  # the client's IP address (a proxy's, behind a proxy)
 
     def header(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name.lower(), default)
@@ -385,7 +386,7 @@ class HttpServer:
             route, params = self._router.resolve(request.method, request.path)
             body = await self._read_body(reader, writer, request, route, length)
             body_read = True
-            request = replace(request, params=params, body=body)
+            request = replace(request, params=params, body=body, remote_addr=_peer(writer))
             response = await _call(route, request)
         except HttpError as err:
             plain = err.plain_text or (route is not None and route.plain_errors)
@@ -560,6 +561,13 @@ def _body_length(headers: Mapping[str, str]) -> int:
     if len(values) != 1 or not all(v.isdigit() and v.isascii() for v in values):
         raise HttpError(400, "invalid Content-Length", close=True)
     return int(values.pop())
+
+
+def _peer(writer: asyncio.StreamWriter) -> str | None:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
 
 
 def _shape(parts: tuple[str, ...]) -> tuple[str, ...]:

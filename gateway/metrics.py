@@ -9,6 +9,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from gateway.model import DeviceStatus, Health
 from gateway.view import GatewayView
@@ -16,6 +17,7 @@ from gateway.view import GatewayView
 __all__ = [
     "CONTENT_TYPE",
     "Exposition",
+    "Family",
     "escape_help",
     "escape_label_value",
     "format_value",
@@ -32,6 +34,16 @@ _POLICY_REASONS = ("drop_oldest", "reject_new")  # always exported, so a rate() 
 _UP = (Health.OK, Health.DEGRADED)
 
 Labels = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A family with labelled samples (writes by device and result, reloads by result)."""
+
+    name: str
+    help: str
+    kind: str  # "counter" or "gauge"
+    samples: tuple[tuple[Labels, float], ...] = ()
 
 
 def escape_label_value(value: str) -> str:
@@ -217,8 +229,8 @@ def _uplink(out: Exposition, view: GatewayView) -> None:
         out.sample(name, (), value)
 
 
-def render(view: GatewayView) -> str:
-    """The whole /metrics page."""
+def render(view: GatewayView, extra: Sequence[Family] = ()) -> str:
+    """The whole /metrics page; `extra` families come last."""
     out = Exposition()
     out.family("fogmesh_gateway_info", "gauge", "Always 1; labels name the site and gateway.")
     out.sample("fogmesh_gateway_info", (("site", view.site), ("gateway", view.gateway_id)), 1)
@@ -235,4 +247,11 @@ def render(view: GatewayView) -> str:
             out.sample(c.name, (), c.value)
         else:
             log.warning("metrics: skipping counter %r (invalid or duplicate name)", c.name)
+    for f in extra:
+        kind = f.kind if f.kind in _KINDS else "untyped"
+        if out.family(f.name, kind, f.help):
+            for labels, value in f.samples:
+                out.sample(f.name, labels, value)
+        else:
+            log.warning("metrics: skipping family %r (invalid or duplicate name)", f.name)
     return out.text()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from gateway.audit import RESULTS
+
 __all__ = ["API_VERSION", "OPENAPI", "openapi_document"]
 
 API_VERSION = "1.0.0"
@@ -40,6 +42,13 @@ def _count(description: str) -> dict[str, Any]:
 
 _HEALTH_STATES = ["starting", "ok", "degraded", "down"]
 _TS = "seconds since the epoch; null if never"
+_SCALAR = ["boolean", "number", "string"]
+_NAMES = {"type": "array", "items": {"type": "string"}}
+
+
+def _names(description: str) -> dict[str, Any]:
+    return {**_NAMES, "description": description}
+
 
 _SCHEMAS: dict[str, Any] = {
     "Error": _obj(
@@ -166,6 +175,98 @@ _SCHEMAS: dict[str, Any] = {
         },
         "One device in full.",
     ),
+    "WriteRequest": {
+        "type": "object",
+        "description": "The value to write; its JSON type must be the tag's (boolean, number or "
+        "string) and a number must lie within the tag's min..max.",
+        "required": ["value"],
+        "properties": {"value": {"type": _SCALAR}},
+        "additionalProperties": False,
+    },
+    "WriteResult": _obj(
+        ["device", "tag", "old_value", "new_value", "result", "audit_id"],
+        {
+            "device": {"type": "string"},
+            "tag": {"type": "string"},
+            "old_value": {
+                "type": [*_SCALAR, "null"],
+                "description": "the last value polled before the write (not a fresh read); "
+                "null if the tag was never read",
+            },
+            "new_value": {"type": _SCALAR, "description": "the value written"},
+            "result": {"const": "ok"},
+            "audit_id": {"type": "integer", "description": "id of the outcome's audit entry"},
+        },
+        "A write the device accepted. The value read back appears with the next poll.",
+    ),
+    "AuditEntry": _obj(
+        [
+            "id",
+            "ts",
+            "who",
+            "remote_addr",
+            "device",
+            "tag",
+            "old_value",
+            "new_value",
+            "result",
+            "error",
+            "ref",
+        ],
+        {
+            "id": {"type": "integer", "description": "grows with every entry, never reused"},
+            "ts": {"type": "number", "description": "seconds since the epoch"},
+            "who": {
+                "type": "string",
+                "description": "the token's name (`operator` for [http] token); `anonymous` "
+                "without a valid token",
+            },
+            "remote_addr": _nullable("string", "the client's IP address"),
+            "device": {"type": "string"},
+            "tag": {"type": "string"},
+            "old_value": {"type": [*_SCALAR, "null"]},
+            "new_value": {"type": [*_SCALAR, "null"]},
+            "result": {"type": "string", "enum": list(RESULTS)},
+            "error": _nullable("string", "why it was refused or failed"),
+            "ref": _nullable(
+                "integer", "for the outcome of a write that reached the device: its pending entry"
+            ),
+        },
+        "One entry of the append-only audit log.",
+    ),
+    "ReloadReport": _obj(
+        ["added", "removed", "restarted", "unchanged", "rules", "windows_rebuilt"],
+        {
+            "added": _names("devices started"),
+            "removed": _names("devices stopped (gone from the file, or disabled)"),
+            "restarted": _names("devices whose config changed: stopped, then started"),
+            "unchanged": _names("devices left running, untouched"),
+            "rules": _obj(
+                ["added", "removed", "changed"],
+                {
+                    "added": _names("rules added"),
+                    "removed": _names("rules removed"),
+                    "changed": _names("rules changed; they start afresh (inactive)"),
+                },
+                "rules by name",
+            ),
+            "windows_rebuilt": _names(
+                "devices whose summary windows were closed as partial and started anew (their "
+                "tags or [edge] changed)"
+            ),
+        },
+        "What a reload did.",
+    ),
+    "ReloadError": _obj(
+        ["error", "status"],
+        {
+            "error": {"type": "string"},
+            "status": {"type": "integer"},
+            "problems": _names("every problem of the new config, `path: message`"),
+            "restart_required": _names("settings only a restart can change, e.g. uplink.url"),
+        },
+        "A reload that changed nothing.",
+    ),
 }
 
 
@@ -190,6 +291,16 @@ _RESPONSES: dict[str, Any] = {
     "PayloadTooLarge": _error("The request has a body larger than the route accepts."),
     "HeadersTooLarge": _error("The request line and header fields are too large."),
     "InternalError": _error("A handler failed; the traceback is in the gateway's log."),
+    "Unauthorized": _error(
+        "No bearer token, or a wrong one.",
+        {
+            "WWW-Authenticate": {
+                "description": '`Bearer realm="fogmesh"`, with `error="invalid_token"` for a '
+                "wrong token",
+                "schema": {"type": "string"},
+            }
+        },
+    ),
 }
 
 # The answers every route can give, whatever it does.
@@ -215,14 +326,24 @@ def _text(description: str) -> dict[str, Any]:
     return {"description": description, "content": {_TEXT: {"schema": {"type": "string"}}}}
 
 
+def _ref_response(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+_DISABLED = "writes are disabled: no [http] token configured"
+
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
         "title": "fogmesh gateway API",
         "version": API_VERSION,
         "description": (
-            "Read-only status of one fogmesh gateway: overall health, its devices and their "
-            "latest values, and Prometheus metrics. Every response carries "
+            "Status of one fogmesh gateway: overall health, its devices and their latest "
+            "values, and Prometheus metrics; and, with a bearer token from the gateway's "
+            "config, writes of writable tags, the audit log of write attempts, and config "
+            "reloads. Without any token configured those answer 403. Every response carries "
             "`Cache-Control: no-store`."
         ),
         "license": {"name": "MIT", "identifier": "MIT"},
@@ -230,6 +351,7 @@ OPENAPI: dict[str, Any] = {
     "tags": [
         {"name": "status", "description": "health and devices"},
         {"name": "meta", "description": "metrics and this document"},
+        {"name": "control", "description": "writes, audit log and reload; bearer token required"},
     ],
     "paths": {
         "/api/v1/health": {
@@ -278,6 +400,122 @@ OPENAPI: dict[str, Any] = {
                 },
             },
         },
+        "/api/v1/devices/{id}/tags/{tag}": {
+            "parameters": [
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "description": "the device id, percent-encoded",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "tag",
+                    "in": "path",
+                    "required": True,
+                    "description": "the tag name, percent-encoded",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "put": {
+                "operationId": "writeTag",
+                "tags": ["control"],
+                "summary": "Write one writable tag through its device service",
+                "description": (
+                    "Checked in this order: token (401, or 403 when no token is configured), "
+                    "device and tag (404), writable (403), body and JSON type (415, 400), range "
+                    "(422); then the device: stopped, not connected or breaker open (503), the "
+                    "adapter failed or timed out (502). Every attempt is committed to the audit "
+                    "log before the answer is sent and travels to the fog as an `audit` message."
+                ),
+                "security": _BEARER,
+                "requestBody": {
+                    "required": True,
+                    "content": {_JSON: {"schema": _ref("WriteRequest")}},
+                },
+                "responses": {
+                    "200": _json_ok("written", _ref("WriteResult")),
+                    **_common(),
+                    "400": _error(
+                        'Malformed request, invalid JSON, a body other than {"value": ...}, or '
+                        "a value of the wrong JSON type for the tag."
+                    ),
+                    "401": _ref_response("Unauthorized"),
+                    "403": _error(
+                        f"The tag is not writable, the device takes no writes, or {_DISABLED}."
+                    ),
+                    "404": _error("No such device, or the device has no such tag."),
+                    "415": _error("The body is not application/json."),
+                    "422": _error(
+                        "The value is outside the tag's min..max; the message says the range."
+                    ),
+                    "502": _error("The device or its adapter failed the write (or timed out)."),
+                    "503": _error(
+                        "The device is stopped, not connected or down (circuit breaker open), "
+                        "or the audit log cannot be written."
+                    ),
+                },
+            },
+        },
+        "/api/v1/audit": {
+            "get": {
+                "operationId": "listAudit",
+                "tags": ["control"],
+                "summary": "The newest entries of the audit log, newest first",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "how many entries (default 100)",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    }
+                ],
+                "responses": {
+                    "200": _json_ok("the entries", {"type": "array", "items": _ref("AuditEntry")}),
+                    **_common(),
+                    "400": _error("Malformed request, or a limit outside 1..1000."),
+                    "401": _ref_response("Unauthorized"),
+                    "403": _error(_DISABLED[:1].upper() + _DISABLED[1:] + "."),
+                    "503": _error("The audit log cannot be read."),
+                },
+            }
+        },
+        "/api/v1/reload": {
+            "post": {
+                "operationId": "reload",
+                "tags": ["control"],
+                "summary": "Re-read the config file and restart only the devices that changed",
+                "description": (
+                    "The same as SIGHUP. The new config is checked in full first; on any "
+                    "problem, or a change only a restart can apply, nothing changes. A body, "
+                    "if sent, is ignored."
+                ),
+                "security": _BEARER,
+                "responses": {
+                    "200": _json_ok("applied", _ref("ReloadReport")),
+                    **_common(),
+                    "401": _ref_response("Unauthorized"),
+                    "403": _error(_DISABLED[:1].upper() + _DISABLED[1:] + "."),
+                    "409": _json_ok(
+                        "A restart is required for the change (`restart_required` lists the "
+                        "settings), or the config did not come from a file; nothing changed.",
+                        _ref("ReloadError"),
+                    ),
+                    "422": _json_ok(
+                        "The new config has problems (`problems`); nothing changed.",
+                        _ref("ReloadError"),
+                    ),
+                    "503": _json_ok("The gateway is starting or stopping.", _ref("ReloadError")),
+                },
+            }
+        },
         "/api/v1/openapi.json": {
             "get": {
                 "operationId": "getOpenApi",
@@ -308,7 +546,18 @@ OPENAPI: dict[str, Any] = {
             }
         },
     },
-    "components": {"schemas": _SCHEMAS, "responses": _RESPONSES},
+    "components": {
+        "schemas": _SCHEMAS,
+        "responses": _RESPONSES,
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A token from the gateway's config ([http] token or "
+                "[[http.tokens]]); its name is what the audit log records.",
+            }
+        },
+    },
 }
 
 

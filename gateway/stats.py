@@ -5,15 +5,26 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-# Seconds; Prometheus-style cumulative buckets, fine enough to read a p99 of a few ms.
+# Seconds; Prometheus-style cumulative buckets, fine enough that a percentile read from them
+# (the bucket's upper bound) is within about 25 % of the true value from 0.25 ms to 100 ms.
 DEFAULT_BUCKETS_S: tuple[float, ...] = (
+    0.00025,
     0.0005,
+    0.00075,
     0.001,
+    0.0015,
     0.002,
+    0.003,
+    0.004,
     0.005,
+    0.0075,
     0.01,
+    0.015,
     0.02,
+    0.03,
+    0.04,
     0.05,
+    0.075,
     0.1,
     0.2,
     0.5,

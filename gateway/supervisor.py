@@ -1,6 +1,7 @@
 """Device services: each configured device is polled at a fixed rate through its adapter, with
 timeouts, backoff with jitter, a circuit breaker and a health state, so that a device that
-raises, hangs or returns garbage never blocks or crashes the others. Semantics: docs/adapters.md.
+raises, hangs or returns garbage never blocks or crashes the others; writes go through the same
+service, one at a time with the polls. Semantics: docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ from typing import TypeVar
 
 from gateway.config.fragments import DeviceBase
 from gateway.errors import BadData, DeviceError, DeviceTimeout, FogmeshError
-from gateway.model import DeviceStatus, Health, Quality, Sample
-from retrofit_adapters.base import Adapter, Reading
+from gateway.model import DeviceStatus, Health, Quality, Sample, Value
+from retrofit_adapters.base import CAP_WRITE, Adapter, Reading
 
 log = logging.getLogger("fogmesh.supervisor")
 
 _T = TypeVar("_T")
 _MAX_DOUBLINGS = 62  # beyond this the doubling only burns big-int arithmetic; the cap rules anyway
+
+
+class DeviceUnavailable(DeviceError):
+    """A write found the device stopped, not connected, or behind an open circuit breaker."""
+
+
+class WriteNotSupported(DeviceError):
+    """A write to a device whose adapter does not declare the "write" capability."""
 
 
 class DeviceService:
@@ -43,8 +52,13 @@ class DeviceService:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        phase_s: float = 0.0,
     ) -> None:
         self.cfg = cfg
+        # Delay of the first poll after each (re)connect. The runtime staggers devices across
+        # their period, so hundreds of devices don't all poll in the same instant (a burst
+        # that queues requests and inflates latency while the average load is low).
+        self._phase_s = phase_s
         self._factory = adapter_factory
         self._publish = publish
         self._on_health = on_health
@@ -63,6 +77,12 @@ class DeviceService:
         self._breaker_until: float | None = None  # monotonic; not None while the breaker is open
         self._retry_at: float | None = None  # monotonic; when the backoff ends
         self._last_problem: float | None = None  # monotonic time of the last error or bad data
+        # Reads, writes and close take turns on the adapter: a write never interleaves with a
+        # poll of the same device (one request at a time on the device's connection).
+        self._io = asyncio.Lock()
+        self._ready = False  # the adapter is open and has not failed since
+        self._stopped = False
+        self._changed = asyncio.Event()  # replaced and set whenever ready/stopped/breaker change
 
     @property
     def skipped_polls_total(self) -> int:
@@ -71,6 +91,10 @@ class DeviceService:
     @property
     def breaker_open(self) -> bool:
         return self._breaker_until is not None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     async def run(self) -> None:
         """Poll until cancelled. Never raises anything but CancelledError; closes the adapter."""
@@ -84,7 +108,61 @@ class DeviceService:
                     # Any exception, the adapter's bugs included: the device fails, not the gateway.
                     await self._failed(exc)
         finally:
+            self._stopped = True
+            self._signal()
             await self._close()
+
+    async def write(self, tag: str, value: Value) -> None:
+        """Write one tag through the adapter, in turn with the polls of this device.
+
+        Waits up to `timeout_ms` for the adapter to be open, then for the poll under way to end;
+        the adapter's write is bounded by `timeout_ms` too. Raises DeviceUnavailable (stopped,
+        not connected, breaker open), WriteNotSupported, DeviceTimeout, or DeviceError for
+        anything the adapter raised (a bug shows as `unexpected <Type>: ...`). A write never
+        counts as a failed poll and never touches health or `last_values`: the next poll reads
+        what the device really holds.
+        """
+        dev = self.cfg.id
+        timeout_s = self.cfg.timeout_ms / 1000.0
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self._ready:
+                    self._check_available()
+                    changed = self._changed
+                    await changed.wait()
+        except TimeoutError:
+            last = self.status.last_error
+            raise DeviceUnavailable(
+                f"device {dev!r} is not connected" + (f" ({last})" if last else "")
+            ) from None
+        async with self._io:
+            adapter = self._adapter
+            self._check_available()
+            if adapter is None or not self._ready:
+                raise DeviceUnavailable(f"device {dev!r} lost its connection")
+            if CAP_WRITE not in adapter.capabilities:
+                raise WriteNotSupported(f"device type {self.status.type!r} does not support writes")
+            try:
+                await self._bounded("write", lambda: adapter.write(tag, value))
+            except FogmeshError:
+                raise
+            except Exception as exc:
+                log.warning("device %s: write of %r failed", dev, tag, exc_info=exc)
+                raise DeviceError(_describe(exc)) from exc
+
+    def _check_available(self) -> None:
+        dev = self.cfg.id
+        if self._stopped:
+            raise DeviceUnavailable(f"device {dev!r} is stopped")
+        if self._breaker_until is not None:
+            last = self.status.last_error
+            raise DeviceUnavailable(
+                f"device {dev!r} is down (circuit breaker open)" + (f": {last}" if last else "")
+            )
+
+    def _signal(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -108,10 +186,14 @@ class DeviceService:
         if self._ever_opened:
             self.status.reconnects_total += 1
         self._ever_opened = True
+        if self._breaker_until is None:
+            # A half-open trial is not ready for writes until its read has closed the breaker.
+            self._ready = True
+            self._signal()
 
     async def _poll_forever(self) -> None:
         period = self.cfg.period_ms / 1000.0
-        deadline = self._mono()
+        deadline = self._mono() + self._phase_s
         while True:
             await self._sleep_until(deadline)
             await self._poll_once()
@@ -127,9 +209,10 @@ class DeviceService:
     async def _poll_once(self) -> None:
         adapter = self._adapter
         assert adapter is not None  # _connect ran
-        started = self._mono()
-        result = await self._bounded("read", adapter.read)
-        elapsed = self._mono() - started
+        async with self._io:
+            started = self._mono()
+            result = await self._bounded("read", adapter.read)
+            elapsed = self._mono() - started
         now_ts = self._clock()
         samples, problems = self._check(result, now_ts)
         if problems:
@@ -152,11 +235,14 @@ class DeviceService:
         if self._breaker_until is not None:
             log.info("device %s: half-open trial succeeded, breaker closed", self.cfg.id)
             self._breaker_until = None
+            self._ready = True
+            self._signal()
         self._update_health()
         if samples:
             await self._publish_batch(samples)
 
     async def _failed(self, exc: Exception) -> None:
+        self._ready = False
         st = self.status
         st.errors_total += 1
         st.consecutive_failures += 1
@@ -192,6 +278,7 @@ class DeviceService:
                 exc_info=exc if bug and n == 1 else None,
             )
         self._update_health()
+        self._signal()
         await self._close()
 
     def _backoff_s(self, failures: int) -> float:
@@ -225,11 +312,13 @@ class DeviceService:
             raise
 
     async def _close(self) -> None:
+        self._ready = False
         if self._adapter is None or not self._needs_close:
             return
         self._needs_close = False
         try:
-            await self._bounded("close", self._adapter.close)
+            async with self._io:  # a write under way finishes (bounded) before the close
+                await self._bounded("close", self._adapter.close)
         except Exception as exc:
             # Nothing more to do with a connection that will not close; the next open starts over.
             log.warning(

@@ -13,6 +13,9 @@ from retrofit_adapters.base import Adapter
 # gateway.config.models.DEVICE_MODELS (a test checks that the two lists agree).
 _ADAPTERS: dict[str, str] = {
     "simulated": "retrofit_adapters.simulated.adapter:SimulatedAdapter",
+    "modbus_tcp": "retrofit_adapters.modbus.adapter:ModbusTcpAdapter",
+    "modbus_rtu": "retrofit_adapters.modbus.adapter:ModbusRtuAdapter",
+    "opcua": "retrofit_adapters.opcua.adapter:OpcUaAdapter",
 }
 
 

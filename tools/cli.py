@@ -83,6 +83,24 @@ def command_fog_tail(args: argparse.Namespace) -> int:
     return fog_tail(args)
 
 
+# --- modbus ------------------------------------------------------------------------------
+
+
+def command_modbus_probe(args: argparse.Namespace) -> int:
+    from tools.modbus_probe import probe
+
+    return probe(args)
+
+
+# --- virtual devices -----------------------------------------------------------------------
+
+
+def command_virtual_plc(args: argparse.Namespace) -> int:
+    from tools.virtual_plc.cli import command_virtual_plc as run
+
+    return run(args)
+
+
 # --- demo and benchmarks -------------------------------------------------------------------
 
 
@@ -90,6 +108,23 @@ def command_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
     return run_demo(args)
+
+
+def command_bench_gateway(args: argparse.Namespace) -> int:
+    from tools.bench_gateway import run_gateway_bench
+
+    if args.json:
+        logging.getLogger().setLevel(logging.WARNING)  # 200 "starting -> ok" lines help nobody here
+    result = run_gateway_bench(
+        devices=args.devices,
+        tags=args.tags,
+        period_ms=args.period_ms,
+        seconds=args.seconds,
+        kind=args.kind,
+        progress=not args.json,
+    )
+    _print_json(result)
+    return 0
 
 
 def command_bench_uplink(args: argparse.Namespace) -> int:
@@ -154,6 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=command_fog_tail)
 
+    mb = sub.add_parser("modbus", help="Modbus tools for integrators")
+    mbs = mb.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    pr = mbs.add_parser(
+        "probe",
+        help="read registers and print every decoding (ints, floats, four byte/word orders, ASCII)",
+        description="URL: tcp://host:port, rtu+tcp://host:port (RTU over TCP) or rtu:///dev/ttyUSB0. "
+        "ADDRESS: classic notation (40001 = first holding register, 30001 = first input register), "
+        "or a plain address with --table.",
+    )
+    pr.add_argument("url")
+    pr.add_argument("--unit", type=int, default=1, help="unit (slave) id, default 1")
+    pr.add_argument("--address", required=True)
+    pr.add_argument("--count", type=int, default=4, help="registers to read (1..125), default 4")
+    pr.add_argument("--table", choices=["holding", "input"], default=None)
+    pr.add_argument(
+        "--addressing", type=int, choices=[0, 1], default=0, help="base of a plain --address"
+    )
+    pr.add_argument("--timeout-s", type=float, default=3.0)
+    pr.add_argument("--baudrate", type=int, default=9600, help="for rtu:// ports")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=command_modbus_probe)
+
+    from tools.virtual_plc.cli import add_arguments as plc_arguments
+
+    vd = sub.add_parser("virtual", help="virtual devices for tests, demos and HIL rigs")
+    vds = vd.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    vp = vds.add_parser(
+        "plc",
+        help="a virtual PLC: the simulated pumps behind real Modbus TCP/RTU and OPC-UA servers",
+        description="Serves the register map and address space of docs/virtual-plc.md; prints its endpoints as JSON.",
+    )
+    plc_arguments(vp)
+    vp.set_defaults(func=command_virtual_plc)
+
     d = sub.add_parser(
         "demo", help="run a virtual plant through the gateway into an embedded fog store"
     )
@@ -173,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that print JSON")
     bs = b.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    g = bs.add_parser(
+        "gateway",
+        help="N virtual Modbus TCP devices × T tags polled by the gateway: throughput, CPU, memory, latency",
+    )
+    g.add_argument("--devices", type=int, default=200)
+    g.add_argument("--tags", type=int, default=30)
+    g.add_argument("--period-ms", type=int, default=1000)
+    g.add_argument(
+        "--seconds", type=float, default=30.0, help="measurement window after a 5 s warm-up"
+    )
+    g.add_argument(
+        "--kind", choices=["uint16", "float32"], default="uint16", help="register type of every tag"
+    )
+    g.add_argument(
+        "--json", action="store_true", help="JSON only (always JSON; this silences progress)"
+    )
+    g.set_defaults(func=command_bench_gateway)
     u = bs.add_parser(
         "uplink", help="store-and-forward through a local Mosquitto with broker outages"
     )
@@ -192,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # Vendor libraries narrate every connect and close at INFO; our own lines say what matters.
+        for noisy in ("asyncua", "pymodbus"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     func: Command = args.func
     try:
         return func(args)

@@ -1,9 +1,10 @@
-"""`fogmesh demo`: a virtual plant through the real gateway into the embedded fog store.
+"""`fogmesh demo`: a virtual PLC retrofitted by the real gateway into the embedded fog store.
 
-Runs the gateway on the shipped demo config (four simulated pumps with injected faults),
-shows what reaches the fog as it arrives, and ends with the figures that say whether the
-edge did its job: how much it reduced, whether every anomaly was reported, how fast, and
-that no message was lost.
+Starts the virtual PLC (four pumps and an energy meter behind real Modbus TCP and OPC-UA
+servers, with faults on a fixed schedule), runs the gateway on the shipped demo config against
+it, shows what reaches the fog as it arrives, and ends with the figures that say whether the
+edge did its job: how much it reduced, whether every anomaly was reported, how fast, and that
+no message was lost.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from gateway.runtime import Gateway
 from gateway.sinks.base import sqlite_path
 from gateway.stats import percentile
 from gateway.wire import Envelope, encode
-from retrofit_adapters.simulated.config import SimulatedDevice
+from retrofit_adapters.simulated.config import FaultConfig
 from tools.fog_cli import describe
 
 DEMO_CONFIG = "configs/demo.toml"
@@ -48,15 +49,42 @@ def demo_config_text() -> str:
     return files("tools").joinpath(DEMO_CONFIG).read_text(encoding="utf-8")
 
 
-def injected_anomalies(loaded: LoadedConfig, seconds: float) -> list[Anomaly]:
-    """Anomalies the config injects that start early enough in a run of `seconds` to be seen."""
-    out: list[Anomaly] = []
-    for dev in loaded.config.devices:
-        if isinstance(dev, SimulatedDevice) and dev.enabled:
-            for f in dev.faults:
-                if f.kind in _ANOMALY_FAULTS and f.tag is not None and f.at_s + 1.0 < seconds:
-                    out.append(Anomaly(dev.id, f.tag, f.kind, f.at_s, f.at_s + f.duration_s))
-    return out
+# What goes wrong in the plant, in seconds after the virtual PLC starts (same story every run).
+DEMO_FAULTS: dict[str, list[FaultConfig]] = {
+    "pump1": [
+        FaultConfig(kind="spike", tag="vibration_mm_s", at_s=4.0, duration_s=1.5, magnitude=5.0)
+    ],
+    "pump2": [
+        FaultConfig(kind="spike", tag="pressure_bar", at_s=7.0, duration_s=2.0, magnitude=-1.5)
+    ],
+    "pump3": [
+        FaultConfig(kind="drift", tag="temperature_c", at_s=10.0, duration_s=5.0, magnitude=4.0),
+        # the PLC answers exception 4 (server device failure): the supervisor backs off, recovers
+        FaultConfig(kind="raise", at_s=15.0, duration_s=1.5),
+    ],
+    "pump4": [
+        FaultConfig(kind="spike", tag="flow_m3h", at_s=12.5, duration_s=2.0, magnitude=-20.0)
+    ],
+}
+
+
+def injected_anomalies(faults: dict[str, list[FaultConfig]], seconds: float) -> list[Anomaly]:
+    """Process anomalies that start early enough in a run of `seconds` to be seen."""
+    return [
+        Anomaly(dev, f.tag, f.kind, f.at_s, f.at_s + f.duration_s)
+        for dev, fs in faults.items()
+        for f in fs
+        if f.kind in _ANOMALY_FAULTS and f.tag is not None and f.at_s + 1.0 < seconds
+    ]
+
+
+def demo_config_for(modbus_port: int, opcua_endpoint: str) -> str:
+    """The shipped demo config pointed at a virtual PLC's actual endpoints."""
+    return (
+        demo_config_text()
+        .replace("port = 5020", f"port = {modbus_port}")
+        .replace('"opc.tcp://127.0.0.1:4840/fogmesh/"', f'"{opcua_endpoint}"')
+    )
 
 
 def _wire_size(row: dict[str, Any]) -> int:
@@ -65,10 +93,29 @@ def _wire_size(row: dict[str, Any]) -> int:
     return len(encode(Envelope(**{k: row[k] for k in fields})))
 
 
-async def _run(loaded: LoadedConfig, seconds: float, live: bool) -> dict[str, Any]:
+async def _run(base: Path, seconds: float, live: bool) -> dict[str, Any]:
+    from tools.virtual_plc.plc import VirtualPlc
+
+    plc = VirtualPlc(pumps=4, seed=1, faults=DEMO_FAULTS, update_ms=50)
+    async with plc:
+        t0 = time.time()  # the PLC's fault schedule counts from here
+        assert plc.opcua_endpoint is not None
+        text = demo_config_for(plc.modbus_port, plc.opcua_endpoint)
+        loaded = parse_config(text, source="demo.toml", base_dir=base)
+        if live:
+            print(
+                f"fogmesh demo: virtual PLC on {plc.modbus_url} (Modbus TCP) and {plc.opcua_endpoint} "
+                f"(OPC-UA); {len(loaded.config.devices)} devices for {seconds:g} s; fog store {loaded.sink_url}",
+                flush=True,
+            )
+        return await _run_gateway(loaded, t0, seconds, live)
+
+
+async def _run_gateway(
+    loaded: LoadedConfig, t0: float, seconds: float, live: bool
+) -> dict[str, Any]:
     gw = Gateway(loaded, measure_raw_bytes=True)
     stop = asyncio.Event()
-    t0 = time.time()
     fog_path = sqlite_path(loaded.sink_url)
     seen = 0
 
@@ -104,7 +151,7 @@ async def _run(loaded: LoadedConfig, seconds: float, live: bool) -> dict[str, An
             store.close()
     with FogStore(fog_path).open(create=False) as final:
         show_new(final)
-        return _figures(gw, final, injected_anomalies(loaded, seconds), t0)
+        return _figures(gw, final, injected_anomalies(DEMO_FAULTS, seconds), t0)
 
 
 def _figures(gw: Gateway, store: FogStore, anomalies: list[Anomaly], t0: float) -> dict[str, Any]:
@@ -172,13 +219,7 @@ def run_demo(args: argparse.Namespace) -> int:
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fogmesh-demo-")))
         )
         base.mkdir(parents=True, exist_ok=True)
-        loaded = parse_config(demo_config_text(), source="demo.toml", base_dir=base)
-        if live:
-            print(
-                f"fogmesh demo: {len(loaded.config.devices)} simulated pumps for {args.seconds:g} s; fog store {loaded.sink_url}",
-                flush=True,
-            )
-        result = asyncio.run(_run(loaded, args.seconds, live))
+        result = asyncio.run(_run(base, args.seconds, live))
         if not args.data_dir:
             del result["fog_store"]  # a temporary folder, gone when the demo ends
     if args.json:

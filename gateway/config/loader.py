@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from gateway.config.fragments import DeviceBase, SecretRef, TagBase
-from gateway.config.models import GatewayConfig
+from gateway.config.models import MIN_TOKEN_CHARS, OPERATOR, GatewayConfig
 from gateway.errors import ConfigError, ConfigProblem
 from retrofit_adapters.simulated.config import PROCESS_SIGNALS, SimulatedDevice
 
@@ -76,6 +76,16 @@ class LoadedConfig:
 
     def secret(self, dotted: str) -> str | None:
         return self.secrets.get(dotted)
+
+    def http_tokens(self) -> list[tuple[str, str]]:
+        """(name, token) of every bearer token of [http], `token` first as OPERATOR."""
+        http = self.config.http
+        out: list[tuple[str, str]] = []
+        if http.token is not None:
+            out.append((OPERATOR, self.secrets["http.token"]))
+        for i, t in enumerate(http.tokens):
+            out.append((t.name, self.secrets[f"http.tokens[{i}].token"]))
+        return out
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -138,6 +148,7 @@ def _parse(
     found += secret_problems
     if config is not None:
         found += _check_references(config)
+        found += _check_tokens(config, secrets)
     if config is None or found:
         # Not chained to pydantic's error: its text carries the input values, which may be secrets.
         raise ConfigError(_ordered(found, model), source)
@@ -557,6 +568,41 @@ def _check_simulated(i: int, dev: SimulatedDevice) -> list[Found]:
     for j, fault in enumerate(dev.faults):
         if fault.tag is not None and fault.tag not in tags:
             found.append((("devices", i, "faults", j, "tag"), _no_tag(dev.id, fault.tag, tags)))
+    return found
+
+
+def _check_tokens(cfg: GatewayConfig, secrets: Mapping[str, str]) -> list[Found]:
+    # Names are what the audit log records, so two tokens must never share one; neither may
+    # two names share a token (the audit could not tell who wrote). Messages name no secret.
+    found: list[Found] = []
+    http = cfg.http
+    refs: list[tuple[Loc, Loc, str]] = []  # (name loc, token loc, name)
+    if http.token is not None:
+        refs.append((("http", "token"), ("http", "token"), OPERATOR))
+    for i, t in enumerate(http.tokens):
+        refs.append((("http", "tokens", i, "name"), ("http", "tokens", i, "token"), t.name))
+    names: dict[str, str] = {}
+    values: dict[str, str] = {}
+    for name_loc, token_loc, name in refs:
+        if name in names:
+            found.append((name_loc, f"duplicate token name {_quote(name)} (also {names[name]})"))
+        else:
+            names[name] = _dotted(name_loc)
+        value = secrets.get(_dotted(token_loc))
+        if value is None:
+            continue  # unreadable: reported with the secrets
+        if len(value) < MIN_TOKEN_CHARS:
+            found.append(
+                (
+                    token_loc,
+                    f"token too short ({len(value)} characters); use at least "
+                    f"{MIN_TOKEN_CHARS}, e.g. the output of `openssl rand -hex 32`",
+                )
+            )
+        elif value in values:
+            found.append((token_loc, f"the same token as {values[value]}; give each its own"))
+        else:
+            values[value] = _dotted(token_loc)
     return found
 
 

@@ -21,16 +21,25 @@ from gateway.config.fragments import (
     Strict,
     int_range,
 )
+from retrofit_adapters.modbus.config import ModbusRtuDevice, ModbusTcpDevice
+from retrofit_adapters.opcua.config import OpcUaDevice
 from retrofit_adapters.simulated.config import SimulatedDevice
 
-# Every adapter's device model, in one tuple; a new adapter adds its model here.
-DEVICE_MODELS: tuple[type[Strict], ...] = (SimulatedDevice,)
-DEVICE_TYPES: tuple[str, ...] = ("simulated",)
+# Every adapter's device model, in one tuple; a new adapter adds its model here and its class
+# to retrofit_adapters.registry (a test checks that the two agree). Config modules are light:
+# they never import the vendor libraries.
+DEVICE_MODELS: tuple[type[Strict], ...] = (
+    SimulatedDevice,
+    ModbusTcpDevice,
+    ModbusRtuDevice,
+    OpcUaDevice,
+)
+DEVICE_TYPES: tuple[str, ...] = ("simulated", "modbus_tcp", "modbus_rtu", "opcua")
 
 # With one member a Union collapses, so the discriminator is added once there are two.
 # mypy sees the plain union of the device models.
 if TYPE_CHECKING:
-    Device = SimulatedDevice
+    Device = SimulatedDevice | ModbusTcpDevice | ModbusRtuDevice | OpcUaDevice
 else:
     Device = (
         SimulatedDevice
@@ -39,6 +48,8 @@ else:
     )
 
 SINK_SCHEMES = ("mqtt", "mqtts", "sqlite")
+OPERATOR = "operator"  # who the audit log names for a write made with [http] token
+MIN_TOKEN_CHARS = 16
 
 
 def _check_url(v: str) -> str:
@@ -78,10 +89,21 @@ class GatewaySection(Strict):
     data_dir: str = "var"  # queue, audit log and state; relative to the config file
 
 
+class HttpToken(Strict):
+    """One operator's bearer token; `name` is who the audit log says wrote."""
+
+    name: Name
+    token: SecretRef
+
+
 class HttpSection(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int_range(0, 65535) = 8080  # type: ignore[valid-type]  # 0: any free port
+    # Writes and reloads need a bearer token; with none configured they are refused (deny by
+    # default). `token` is audited as OPERATOR; `tokens` tell several operators apart.
+    token: SecretRef | None = None
+    tokens: list[HttpToken] = []
 
 
 class TlsConfig(Strict):

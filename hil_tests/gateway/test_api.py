@@ -141,10 +141,10 @@ def _closed(schema: Any) -> Any:
     return schema
 
 
-def conforms(instance: Any, path: str, status: int) -> None:
-    """The instance matches the documented JSON schema of the GET answer `status` on `path`."""
+def conforms(instance: Any, path: str, status: int, method: str = "get") -> None:
+    """The instance matches the documented JSON schema of the answer `status` to `method path`."""
     doc = openapi_document()
-    answer = doc["paths"][path]["get"]["responses"][str(status)]
+    answer = doc["paths"][path][method]["responses"][str(status)]
     if "$ref" in answer:
         answer = doc["components"]["responses"][answer["$ref"].rsplit("/", 1)[1]]
     schema = {**answer["content"]["application/json"]["schema"], "components": doc["components"]}
@@ -317,7 +317,7 @@ def test_device_detail() -> None:
         }
         # 98 polls of 3 ms and 2 of 300 ms: buckets (2, 5] ms and (200, 500] ms.
         latency = body["poll_latency_s"]
-        assert (latency["p50"], latency["p99"], latency["count"]) == (0.005, 0.5, 100)
+        assert (latency["p50"], latency["p99"], latency["count"]) == (0.003, 0.5, 100)
         assert latency["sum"] == pytest.approx(98 * 0.003 + 2 * 0.3)
         assert body["last_values"] == {
             "temp": {"value": 21.5, "quality": "good", "ts": NOW - 1.0},
@@ -466,6 +466,38 @@ def test_openapi_describes_exactly_the_routes() -> None:
             assert {"200", "400", "405", "500"} <= set(op["responses"]), path
     assert "404" in doc["paths"]["/api/v1/devices/{id}"]["get"]["responses"]
     assert "503" in doc["paths"]["/api/v1/health"]["get"]["responses"]
+
+
+def test_token_guarded_routes_without_a_control_are_forbidden() -> None:
+    disabled = {"error": "writes are disabled: no [http] token configured", "status": 403}
+
+    async def go() -> None:
+        async with serve(make_view()) as addr:
+            headers = {
+                "Authorization": "Bearer whatever-token-0123456789",
+                "Content-Type": "application/json",
+            }
+            for method, path, body, doc_path in (
+                (
+                    "PUT",
+                    "/api/v1/devices/plc1/tags/temp",
+                    b'{"value": 1}',
+                    "/api/v1/devices/{id}/tags/{tag}",
+                ),
+                ("GET", "/api/v1/audit", None, "/api/v1/audit"),
+                ("POST", "/api/v1/reload", None, "/api/v1/reload"),
+            ):
+                status, _, raw = await fetch(addr, method, path, body, headers)
+                assert (status, json.loads(raw)) == (403, disabled), path
+                conforms(json.loads(raw), doc_path, 403, method.lower())
+            status, _, _ = await fetch(
+                addr, "PUT", "/api/v1/devices/plc1/tags/t", b"x" * 5000, headers
+            )
+            assert status == 413
+            status, headers_, _ = await fetch(addr, "DELETE", "/api/v1/reload")
+            assert (status, headers_["allow"]) == (405, "POST")
+
+    run(go())
 
 
 def test_the_schemas_catch_undocumented_fields() -> None:

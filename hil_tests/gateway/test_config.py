@@ -23,6 +23,7 @@ from gateway.config.models import (
     GatewayConfig,
     GatewaySection,
     HttpSection,
+    HttpToken,
     MqttOptions,
     QueueConfig,
     RuleConfig,
@@ -112,7 +113,14 @@ def test_minimal_config_loads_with_defaults() -> None:
 
 def test_demo_config_still_loads() -> None:
     loaded = load_config(ROOT / "tools" / "configs" / "demo.toml", env={})
-    assert len(loaded.config.devices) == 4
+    types = {d.id: d.type for d in loaded.config.devices}
+    assert types == {
+        "pump1": "modbus_tcp",
+        "pump2": "opcua",
+        "pump3": "modbus_tcp",
+        "pump4": "opcua",
+        "meter": "modbus_tcp",
+    }
 
 
 # --- bad configs: one exact message each ---------------------------------------------------
@@ -217,17 +225,21 @@ BAD: list[tuple[str, str, list[str]]] = [
     (
         "device type missing",
         HEAD + '[[devices]]\nid = "p1"\n',
-        ["devices[0].type: required; one of: simulated"],
+        ["devices[0].type: required; one of: simulated, modbus_tcp, modbus_rtu, opcua"],
     ),
     (
         "device type unknown",
         HEAD + '[[devices]]\nid = "p1"\ntype = "modbus"\nhost = "10.0.0.5"\n',
-        ["devices[0].type: unknown device type 'modbus'; expected one of: simulated"],
+        [
+            "devices[0].type: unknown device type 'modbus'; expected one of: simulated, modbus_tcp, modbus_rtu, opcua"
+        ],
     ),
     (
         "device type not a string",
         HEAD + "[[devices]]\ntype = 5\n",
-        ["devices[0].type: must be one of: simulated (got integer 5)"],
+        [
+            "devices[0].type: must be one of: simulated, modbus_tcp, modbus_rtu, opcua (got integer 5)"
+        ],
     ),
     (
         "device not a table",
@@ -401,7 +413,7 @@ def test_every_problem_is_reported_together_in_file_order() -> None:
         "gateway.id: must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit",
         "http.port: must be an integer (got string '8080')",
         'uplink.mqtt.password: inline secrets are not allowed; use { file = "..." } or { env = "..." }',
-        "devices[0].type: unknown device type 'modbus'; expected one of: simulated",
+        "devices[0].type: unknown device type 'modbus'; expected one of: simulated, modbus_tcp, modbus_rtu, opcua",
         "devices[1].perod_ms: unknown key 'perod_ms'; expected one of: "
         "id, enabled, period_ms, timeout_ms, supervisor, type, model, seed, tags, faults",
         "rules[0]: give `above`, `below`, or both",
@@ -689,6 +701,64 @@ def test_json_schema_uses_only_json_schema_keywords() -> None:
     assert not re.search(r"'(gt|ge|lt|le)':", text)
 
 
+# --- bearer tokens of [http] -----------------------------------------------------------------
+
+LONG = "t" * 16
+
+
+def test_http_tokens_from_file_and_environment(tmp_path: Path) -> None:
+    (tmp_path / "alice").write_text("alice-" + LONG + "\n")
+    loaded = parse_config(
+        HEAD
+        + '[http]\ntoken = { env = "OP" }\n'
+        + '[[http.tokens]]\nname = "alice"\ntoken = { file = "alice" }\n'
+        + '[[http.tokens]]\nname = "bob"\ntoken = { env = "BOB" }\n',
+        base_dir=tmp_path,
+        env={"OP": "op-" + LONG, "BOB": "bob-" + LONG},
+    )
+    assert loaded.http_tokens() == [
+        ("operator", "op-" + LONG),
+        ("alice", "alice-" + LONG),
+        ("bob", "bob-" + LONG),
+    ]
+    assert loaded.secret("http.tokens[0].token") == "alice-" + LONG
+    assert LONG not in repr(loaded)
+    assert parse_config(HEAD).http_tokens() == []
+
+
+def test_http_token_problems() -> None:
+    env = {"A": LONG, "B": LONG, "SHORT": "abc", "OK": "x" * 16}
+    text = (
+        HEAD
+        + '[http]\ntoken = "inline-secret-value"\n'
+        + '[[http.tokens]]\nname = "alice"\ntoken = { env = "A" }\n'
+        + '[[http.tokens]]\nname = "alice"\ntoken = { env = "B" }\n'
+        + '[[http.tokens]]\nname = "carol"\ntoken = { env = "SHORT" }\n'
+        + '[[http.tokens]]\nname = "dave"\ntoken = { env = "MISSING" }\n'
+        + '[[http.tokens]]\nname = "operator"\ntoken = { env = "OK" }\n'
+    )
+    found = problems(text, env=env)
+    assert found == [
+        'http.token: inline secrets are not allowed; use { file = "..." } or { env = "..." }',
+        "http.tokens[3].token.env: environment variable MISSING is not set",
+    ]
+    found = problems(text.replace('"inline-secret-value"', '{ env = "OP" }'), env=env)
+    assert found == [
+        "http.token.env: environment variable OP is not set",
+        "http.tokens[3].token.env: environment variable MISSING is not set",
+        "http.tokens[1].name: duplicate token name 'alice' (also http.tokens[0].name)",
+        "http.tokens[1].token: the same token as http.tokens[0].token; give each its own",
+        "http.tokens[2].token: token too short (3 characters); use at least 16, "
+        "e.g. the output of `openssl rand -hex 32`",
+        "http.tokens[4].name: duplicate token name 'operator' (also http.token)",
+    ]
+    found = problems(
+        text.replace('"inline-secret-value"', '{ env = "OK2" }'), env={**env, "OK2": "y" * 16}
+    )
+    assert "http.tokens[4].name: duplicate token name 'operator' (also http.token)" in found
+    assert not any(LONG in p or "abc" in p for p in found)
+
+
 # --- more than one device type ------------------------------------------------------------
 
 
@@ -797,6 +867,7 @@ def test_fragments_import_alone_without_the_loader() -> None:
 DOCUMENTED: dict[str, set[str]] = {
     "[gateway]": set(GatewaySection.model_fields),
     "[http]": set(HttpSection.model_fields),
+    "[[http.tokens]]": set(HttpToken.model_fields),
     "[uplink]": set(UplinkSection.model_fields),
     "[uplink.mqtt]": set(MqttOptions.model_fields),
     "[uplink.mqtt.tls]": set(TlsConfig.model_fields),

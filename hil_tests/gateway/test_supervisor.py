@@ -20,9 +20,9 @@ import pytest
 
 from gateway.bus import Bus
 from gateway.config.fragments import DeviceBase, SupervisorConfig
-from gateway.errors import DeviceError
+from gateway.errors import DeviceError, DeviceTimeout
 from gateway.model import DeviceStatus, Health, Quality, Sample
-from gateway.supervisor import DeviceService
+from gateway.supervisor import DeviceService, DeviceUnavailable, WriteNotSupported
 from retrofit_adapters.base import Adapter, Reading
 from retrofit_adapters.registry import adapter_class
 from retrofit_adapters.simulated.config import SimulatedDevice
@@ -645,3 +645,140 @@ def test_bad_devices_never_stall_or_crash_a_healthy_one() -> None:
     assert flaky.health is Health.DEGRADED  # recovered; the errors are recent
     assert flaky.errors_total >= 1 and flaky.reconnects_total >= 1
     assert flaky.polls_total >= 0.3 * expected
+
+
+# --- writes through the service ---------------------------------------------------------------
+
+
+class Writable(Scripted):
+    """Scripted reads, plus writes that record, raise, hang or fail as a bug, on request."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({"read", "write"})
+
+    def __init__(self, cfg: DeviceBase, write_step: str = "ok", **kw: Any) -> None:
+        super().__init__(cfg, **kw)
+        self.write_step = write_step
+        self.written: list[tuple[str, Any]] = []
+        self.busy = 0
+        self.overlap = False
+
+    async def read(self) -> list[Reading]:
+        self.busy += 1
+        self.overlap |= self.busy > 1
+        try:
+            await asyncio.sleep(0.005)
+            return await super().read()
+        finally:
+            self.busy -= 1
+
+    async def write(self, tag: str, value: Any) -> None:
+        self.busy += 1
+        self.overlap |= self.busy > 1
+        try:
+            await asyncio.sleep(0.005)
+            if self.write_step == "raise":
+                raise DeviceError("exception 2: illegal data address")
+            if self.write_step == "bug":
+                raise KeyError(tag)
+            if self.write_step == "hang":
+                await asyncio.Event().wait()
+            self.written.append((tag, value))
+        finally:
+            self.busy -= 1
+
+
+def real_service(adapter: Adapter, cfg: DeviceBase) -> DeviceService:
+    return DeviceService(cfg, lambda _cfg: adapter, Sink(), rng=random.Random(0))
+
+
+def test_a_write_waits_for_the_connection_and_takes_turns_with_reads() -> None:
+    cfg = device(period_ms=5, timeout_ms=500)
+    adapter = Writable(cfg)
+
+    async def go() -> None:
+        svc = real_service(adapter, cfg)
+        early = asyncio.create_task(svc.write("a", 1.0))  # before the service even runs
+        task = asyncio.create_task(svc.run())
+        await early
+        await asyncio.gather(*(svc.write("a", float(v)) for v in range(2, 12)))
+        await asyncio.sleep(0.05)  # queued behind the writes, polls resume
+        errors = svc.status.errors_total
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert errors == 0 and svc.status.health is Health.OK
+        with pytest.raises(DeviceUnavailable, match="'dev' is stopped"):
+            await svc.write("a", 0.0)
+
+    asyncio.run(go())
+    assert [v for _, v in adapter.written] == [1.0, *[float(v) for v in range(2, 12)]]
+    assert not adapter.overlap
+    assert len(adapter.calls("read")) > 5
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "message"),
+    [
+        ("raise", DeviceError, "exception 2: illegal data address"),
+        ("bug", DeviceError, "unexpected KeyError: 'a'"),
+        ("hang", DeviceTimeout, "timeout: write took more than 100 ms"),
+    ],
+)
+def test_a_failed_write_is_reported_and_polling_carries_on(
+    step: str, error: type[Exception], message: str
+) -> None:
+    cfg = device(period_ms=5, timeout_ms=100)
+    adapter = Writable(cfg, write_step=step)
+
+    async def go() -> None:
+        svc = real_service(adapter, cfg)
+        task = asyncio.create_task(svc.run())
+        with pytest.raises(error) as exc:
+            await svc.write("a", 1.0)
+        assert str(exc.value) == message
+        polls = svc.status.polls_total
+        await asyncio.sleep(0.05)
+        assert svc.status.polls_total > polls  # still connected, still polling
+        assert svc.status.errors_total == 0 and svc.status.last_error is None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(go())
+
+
+def test_writes_are_refused_when_the_device_is_down_or_takes_no_writes() -> None:
+    cfg = device(period_ms=5, timeout_ms=100, breaker_failures=1, breaker_cooldown_s=60)
+
+    async def go() -> None:
+        down = real_service(Writable(cfg, open_steps=["raise"]), cfg)
+        task = asyncio.create_task(down.run())
+        for _ in range(200):
+            if down.breaker_open:
+                break
+            await asyncio.sleep(0.005)
+        with pytest.raises(DeviceUnavailable, match=r"down \(circuit breaker open\): connection"):
+            await down.write("a", 1.0)
+        task.cancel()
+        read_only = real_service(Scripted(cfg), cfg)
+        task2 = asyncio.create_task(read_only.run())
+        with pytest.raises(WriteNotSupported, match="does not support writes"):
+            await read_only.write("a", 1.0)
+        task2.cancel()
+        await asyncio.gather(task, task2, return_exceptions=True)
+
+    asyncio.run(go())
+
+
+def test_a_write_gives_up_waiting_for_a_device_that_does_not_connect() -> None:
+    cfg = device(period_ms=5, timeout_ms=100, backoff_initial_ms=10_000)
+
+    async def go() -> None:
+        svc = real_service(Writable(cfg, open_steps=["raise"]), cfg)
+        task = asyncio.create_task(svc.run())
+        t0 = time.monotonic()
+        with pytest.raises(DeviceUnavailable, match="not connected \\(connection refused\\)"):
+            await svc.write("a", 1.0)
+        assert 0.09 < time.monotonic() - t0 < 1.0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(go())
