@@ -71,7 +71,8 @@ class Gateway:
         self._clock = clock
         self._http_port = cfg.http.port if http_port is None else http_port
         self._measure_raw = measure_raw_bytes
-        self._factory = adapter_factory or _adapter_factory
+        self._device_passwords = device_passwords(loaded)
+        self._factory = adapter_factory or self._make_adapter
         path = loaded.path
         if config_loader is None and path is not None:
             config_loader = lambda: load_config(path)  # noqa: E731
@@ -355,8 +356,10 @@ class Gateway:
                     f"restart required for: {keys}; nothing changed",
                     restart_required=diff.restart_required,
                 )
+            old_passwords, self._device_passwords = self._device_passwords, device_passwords(new)
             problems = self._check_adapters(new.config, {*diff.added, *diff.changed})
             if problems:
+                self._device_passwords = old_passwords
                 self._reloaded("invalid")
                 log.error("reload by %s refused, nothing changed: %s", who, "; ".join(problems))
                 raise ReloadRefused(
@@ -411,6 +414,14 @@ class Gateway:
 
     def _reloaded(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
+
+    def _make_adapter(self, dev: DeviceBase) -> Adapter:
+        """The registry's adapter for the device's type, given the device's resolved password."""
+        cls = adapter_class(getattr(dev, "type"))  # noqa: B009 - each device model's discriminator
+        password = self._device_passwords.get(dev.id)
+        if password is None:
+            return cls(dev)
+        return cls(dev, password=password)  # type: ignore[call-arg]  # adapters that take one
 
     def _check_adapters(self, cfg: GatewayConfig, dev_ids: set[str]) -> list[str]:
         # Making an adapter does no I/O (the adapter contract), so it is a cheap, complete check
@@ -507,8 +518,14 @@ def stagger_s(device_id: str, period_ms: int) -> float:
     return (zlib.crc32(device_id.encode()) % 1000) / 1000.0 * period_ms / 1000.0
 
 
-def _adapter_factory(cfg: DeviceBase) -> Adapter:
-    return adapter_class(getattr(cfg, "type"))(cfg)  # noqa: B009 - `type` is each adapter model's discriminator
+def device_passwords(loaded: LoadedConfig) -> dict[str, str]:
+    """Resolved `password` secrets of the devices, by device id (the loader keys them by index)."""
+    out: dict[str, str] = {}
+    for i, dev in enumerate(cast(list[DeviceBase], loaded.config.devices)):
+        pw = loaded.secret(f"devices[{i}].password")
+        if pw is not None:
+            out[dev.id] = pw
+    return out
 
 
 async def _reload_and_log(gw: Gateway, who: str) -> None:

@@ -531,3 +531,15 @@ def test_config_codec_and_plan_do_not_load_pymodbus() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("address", [40001, 30010, 49999, 10001])
+def test_an_integer_that_reads_like_classic_notation_must_be_confirmed(address: int) -> None:
+    message = (
+        f"address {address} is an integer, so it would be holding offset {address}; for classic "
+        f'notation write it as a string, address = "{address}", or give `table` to confirm the offset'
+    )
+    assert problems(tag, address=address) == [f": {message}"]  # reported at the tag itself
+    # With the table given, the offset is meant as written.
+    assert tag(address=address, table="holding").offset_address(0) == address
+    assert tag(address=9999).offset_address(0) == 9999  # not classic-looking: a plain offset

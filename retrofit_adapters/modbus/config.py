@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
@@ -197,6 +198,10 @@ else:
     Scale = Annotated[float, AfterValidator(_non_zero)]
 
 
+# Integers that read like classic notation (1xxxx, 3xxxx, 4xxxx, and 6-digit forms).
+_LOOKS_CLASSIC = re.compile(r"^[134]\d{4,5}$")
+
+
 class ModbusTag(TagBase):
     """One value on a Modbus device: where it is, how its bytes are laid out, how it is scaled."""
 
@@ -225,6 +230,21 @@ class ModbusTag(TagBase):
         if isinstance(address, str) and "table" not in data:
             with contextlib.suppress(ValueError):  # a bad address is reported at `address`
                 out["table"] = parse_classic(address)[0]
+        if (
+            isinstance(address, int)
+            and not isinstance(address, bool)
+            and "table" not in data
+            and _LOOKS_CLASSIC.match(str(address))
+        ):
+            # `address = 40001` (an integer) is holding offset 40001, which is rarely what the
+            # register map meant; make the integrator say which.
+            raise PydanticCustomError(
+                "address",
+                "address {address} is an integer, so it would be holding offset {address}; for "
+                'classic notation write it as a string, address = "{address}", or give `table` '
+                "to confirm the offset",
+                {"address": address},
+            )
         if out.get("table") in BIT_TABLES and "type" not in data:
             out["type"] = "bool"
         return out
