@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from hil_tests.tools.cli_runner import fogmesh
 from tools.cli import build_parser
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def fogmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd or ROOT,
-    )
-
 
 GOOD = """
 [gateway]
