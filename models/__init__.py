@@ -1,4 +1,6 @@
 """Training, quantization, export and evaluation of the anomaly models, and the shipped model files.
 
-Empty until the edge-intelligence issue lands; the folder is part of the package layout.
+So far: TFLM's integer arithmetic (`tflm_math`), a .tflite reader for int8 dense networks
+(`tflite_reader`), the firmware blob (`export`, docs/model-format.md), and the parity check of the
+firmware engine against the TFLM interpreter (`parity`).
 """

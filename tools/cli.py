@@ -92,6 +92,40 @@ def command_modbus_probe(args: argparse.Namespace) -> int:
     return probe(args)
 
 
+# --- models --------------------------------------------------------------------------------
+
+DEFAULT_PARITY_MODEL = "testdata/tiny_ae_int8.tflite"
+
+
+def command_model_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.export import export
+
+    blob = export(Path(args.model).read_bytes())
+    Path(args.output).write_bytes(blob)
+    print(f"{args.output}: {len(blob)} bytes (firmware blob of {args.model})")
+    return 0
+
+
+def command_model_parity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models import parity
+
+    model = args.model or Path(parity.__file__).parent / DEFAULT_PARITY_MODEL
+    result = parity.run_parity(model, n=args.n, seed=args.seed)
+    if args.json:
+        _print_json(result)
+    else:
+        print(
+            f"{result['model']}: {result['outputs_compared']} outputs compared, "
+            f"{result['mismatches']} mismatches; {result['us_per_inference_unix_port']} us per inference "
+            f"on the MicroPython unix port, peak heap {result['peak_heap_bytes']} B"
+        )
+    return 0 if result["mismatches"] == 0 else 1
+
+
 # --- virtual devices -----------------------------------------------------------------------
 
 
@@ -210,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--baudrate", type=int, default=9600, help="for rtu:// ports")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=command_modbus_probe)
+
+    md = sub.add_parser(
+        "model", help="quantized anomaly models: export for the firmware, check parity"
+    )
+    mds = md.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    me = mds.add_parser(
+        "export", help="derive the firmware blob (docs/model-format.md) from a full-int8 .tflite"
+    )
+    me.add_argument("model", help="a full-int8 .tflite of dense layers")
+    me.add_argument("-o", "--output", required=True, help="where to write the blob")
+    me.set_defaults(func=command_model_export)
+    mp = mds.add_parser(
+        "parity",
+        help="run inputs through the TFLM interpreter and the firmware engine on the MicroPython unix port",
+    )
+    mp.add_argument(
+        "--model", default=None, help="a full-int8 .tflite (default: the shipped test autoencoder)"
+    )
+    mp.add_argument(
+        "-n", type=int, default=1000, help="random inputs besides the edge cases (default 1000)"
+    )
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--json", action="store_true")
+    mp.set_defaults(func=command_model_parity)
 
     from tools.virtual_plc.cli import add_arguments as plc_arguments
 

@@ -93,3 +93,24 @@ def test_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["no-such-command"])
     assert exc.value.code == 2
+
+
+def test_model_export_writes_the_firmware_blob(tmp_path: Path) -> None:
+    out = tmp_path / "ae.bin"
+    r = fogmesh("model", "export", "models/testdata/tiny_ae_int8.tflite", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:4] == b"FMQ8"
+    bad = tmp_path / "not.tflite"
+    bad.write_bytes(b"garbage" * 10)
+    r = fogmesh("model", "export", str(bad), "-o", str(tmp_path / "x.bin"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("fogmesh: error:")
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_model_parity_json_reports_zero_mismatches() -> None:
+    r = fogmesh("model", "parity", "-n", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["mismatches"] == 0 and out["outputs_compared"] >= 100 * 8
+    assert out["peak_heap_bytes"] > 0 and out["us_per_inference_unix_port"] > 0

@@ -49,6 +49,8 @@ def test_wheel_ships_package_data_and_the_console_script(tmp_path: Path) -> None
         "gateway/runtime.py",
         "retrofit_adapters/simulated/adapter.py",
         "models/__init__.py",
+        "models/testdata/tiny_ae_int8.tflite",
+        "firmware/fogmesh/int8.py",
     ):
         assert must in names, must
     assert not any(n.startswith("hil_tests/") for n in names), "tests are not shipped"
