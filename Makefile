@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make demo   a virtual environment with fogmesh, then `fogmesh demo` on embedded defaults
-#   make test   the dev extras and the Mosquitto broker, then lint, type checks and every test
+#   make test   the dev and train extras and the Mosquitto broker, then lint, type checks and every test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -17,7 +17,7 @@ $(VENV)/.fogmesh-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.fogmesh-dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,train]'
 	touch $@ $(VENV)/.fogmesh-installed
 
 demo: $(VENV)/.fogmesh-installed

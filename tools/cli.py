@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -124,6 +125,93 @@ def command_model_parity(args: argparse.Namespace) -> int:
             f"on the MicroPython unix port, peak heap {result['peak_heap_bytes']} B"
         )
     return 0 if result["mismatches"] == 0 else 1
+
+
+_DETECTOR_FLAGS = ("window", "smooth", "quantile", "margin", "epochs", "seed")
+
+
+def _detector_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _DETECTOR_FLAGS if getattr(args, k) is not None}
+
+
+def command_model_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.evaluate import evaluate_skab
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise FogmeshError(f"--data-dir {data_dir}: no such directory")
+    try:
+        result = evaluate_skab(data_dir, progress=not args.json, **_detector_settings(args))
+    except ValueError as exc:  # a file that is not in SKAB's format
+        raise FogmeshError(str(exc)) from exc
+    if not args.verbose:
+        result.pop("per_file", None)
+    _print_json(result)
+    return 0
+
+
+_LABEL_COLUMNS = ("datetime", "anomaly", "changepoint")
+
+
+def _read_channels(path: Any) -> Any:
+    """The numeric channels of a ';'-separated CSV (SKAB's format); label columns are ignored."""
+    import csv
+
+    import numpy as np
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter=";"))
+    except OSError as exc:
+        raise FogmeshError(f"{path}: {exc.strerror or exc}") from exc
+    if len(rows) < 2:
+        raise FogmeshError(f"{path}: no data rows")
+    keep = [i for i, name in enumerate(rows[0]) if name.strip().lower() not in _LABEL_COLUMNS]
+    try:
+        return np.array([[float(r[i]) for i in keep] for r in rows[1:] if r], dtype=np.float64)
+    except (ValueError, IndexError) as exc:
+        raise FogmeshError(
+            f"{path}: not a ';'-separated numeric CSV with a header ({exc})"
+        ) from exc
+
+
+def command_model_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.train import DetectorSettings, fit_detector
+
+    x = _read_channels(Path(args.csv))
+    if len(x) < args.rows:
+        raise FogmeshError(f"{args.csv}: {len(x)} rows, fewer than --rows {args.rows}")
+    det = fit_detector(x[: args.rows], DetectorSettings(**_detector_settings(args)))
+    prefix = Path(args.out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".tflite").write_bytes(det.model.tflite)
+    prefix.with_suffix(".bin").write_bytes(det.model.blob)
+    meta = {
+        "source": str(args.csv),
+        "rows": args.rows,
+        "threshold": det.threshold,
+        "standardizer": {
+            "mean": [float(v) for v in det.standardizer.mean],
+            "std": [float(v) for v in det.standardizer.std],
+            "clip": det.standardizer.clip,
+        },
+        "settings": dataclasses.asdict(det.settings),
+        "sizes": det.model.sizes(),
+    }
+    prefix.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    _print_json(
+        {
+            "tflite": str(prefix.with_suffix(".tflite")),
+            "blob": str(prefix.with_suffix(".bin")),
+            **meta["sizes"],
+            "threshold": det.threshold,
+        }
+    )
+    return 0
 
 
 # --- virtual devices -----------------------------------------------------------------------
@@ -255,6 +343,58 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("model", help="a full-int8 .tflite of dense layers")
     me.add_argument("-o", "--output", required=True, help="where to write the blob")
     me.set_defaults(func=command_model_export)
+
+    def detector_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--window", type=int, default=None, help="feature window, samples (default 10)"
+        )
+        p.add_argument(
+            "--smooth", type=int, default=None, help="score smoothing, past samples (default 10)"
+        )
+        p.add_argument(
+            "--quantile",
+            type=float,
+            default=None,
+            help="threshold quantile of training scores (default 0.99)",
+        )
+        p.add_argument(
+            "--margin", type=float, default=None, help="threshold margin factor (default 1.5)"
+        )
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None)
+
+    mt = mds.add_parser(
+        "train",
+        help="fit features, the int8 autoencoder and its threshold on normal rows of a CSV (needs the train extra)",
+    )
+    mt.add_argument(
+        "--csv", required=True, help="a SKAB-format CSV (';'-separated, datetime first)"
+    )
+    mt.add_argument(
+        "--rows", type=int, default=400, help="normal rows to fit on, from the start (default 400)"
+    )
+    mt.add_argument(
+        "--out",
+        required=True,
+        help="output prefix: PREFIX.tflite, PREFIX.bin (firmware blob), PREFIX.json",
+    )
+    detector_flags(mt)
+    mt.set_defaults(func=command_model_train)
+    mv = mds.add_parser(
+        "eval",
+        help="evaluate the int8 pipeline with a benchmark's protocol (needs the train extra)",
+    )
+    mv.add_argument("--dataset", choices=["skab"], required=True)
+    mv.add_argument(
+        "--data-dir", required=True, help="the dataset's folder (never copied into the project)"
+    )
+    mv.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON only on stdout (progress goes to stderr otherwise)",
+    )
+    detector_flags(mv)
+    mv.set_defaults(func=command_model_eval)
     mp = mds.add_parser(
         "parity",
         help="run inputs through the TFLM interpreter and the firmware engine on the MicroPython unix port",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hil_tests.tools.cli_runner import fogmesh
@@ -114,3 +115,58 @@ def test_model_parity_json_reports_zero_mismatches() -> None:
     out = json.loads(r.stdout)
     assert out["mismatches"] == 0 and out["outputs_compared"] >= 100 * 8
     assert out["peak_heap_bytes"] > 0 and out["us_per_inference_unix_port"] > 0
+
+
+def _skab_like(path: Path, rows: int, anomaly_from: int | None, seed: int) -> None:
+    from models.evaluate import SKAB_CHANNELS
+
+    rng = np.random.default_rng(seed)
+    lines = [";".join(["datetime", *SKAB_CHANNELS, "anomaly", "changepoint"])]
+    for i in range(rows):
+        bad = anomaly_from is not None and i >= anomaly_from
+        vals = rng.normal(0.0, 0.1, len(SKAB_CHANNELS)) + (5.0 if bad else 0.0)
+        cells = ";".join(f"{v:.4f}" for v in vals)
+        lines.append(f"2020-01-01 00:00:{i:05d};{cells};{int(bad)};0")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_model_train_and_eval_on_generated_data(tmp_path: Path) -> None:
+    data = tmp_path / "skab" / "valve1"
+    data.mkdir(parents=True)
+    _skab_like(data / "0.csv", 600, anomaly_from=500, seed=1)
+    r = fogmesh(
+        "model",
+        "eval",
+        "--dataset",
+        "skab",
+        "--data-dir",
+        str(tmp_path / "skab"),
+        "--epochs",
+        "30",
+        "--json",
+        timeout_s=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["files"] == 1 and out["tp"] + out["fn"] == 100 and out["fp"] + out["tn"] == 100
+    assert out["tp"] >= 90 and out["far"] <= 0.1  # a 50-sigma shift is found
+
+    train_csv = tmp_path / "normal.csv"
+    _skab_like(train_csv, 450, anomaly_from=None, seed=2)
+    r = fogmesh(
+        "model",
+        "train",
+        "--csv",
+        str(train_csv),
+        "--out",
+        str(tmp_path / "m" / "pump"),
+        "--epochs",
+        "20",
+        timeout_s=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "m" / "pump.bin").read_bytes()[:4] == b"FMQ8"
+    meta = json.loads((tmp_path / "m" / "pump.json").read_text())
+    assert (
+        meta["threshold"] > 0 and meta["rows"] == 400 and len(meta["standardizer"]["mean"]) == 3 * 8
+    )
