@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from gateway.errors import FogmeshError
+from tools.net import free_port
 
 __all__ = ["Mosquitto", "MosquittoError", "MosquittoTls", "find_mosquitto", "free_port"]
 
@@ -51,13 +52,6 @@ def find_mosquitto() -> Path:
         if candidate and os.access(candidate, os.X_OK):
             return Path(candidate)
     raise MosquittoError(f"mosquitto is not installed; {_INSTALL_HINT}")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class Mosquitto:

@@ -13,8 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from gateway.fog import FogStore
 from gateway.model import Outgoing, Quality, Sample
 from gateway.reload import EdgeSet, diff_configs
 from gateway.runtime import Gateway
+from hil_tests.gateway.gateway_runner import running
 from hil_tests.gateway.http_client import Addr, fetch, fetch_sync
 from hil_tests.gateway.test_api import conforms
 from hil_tests.gateway.test_config import TwoTypeConfig
@@ -328,21 +328,6 @@ def test_reconfigure_restarts_a_changed_rule_and_drops_a_removed_device() -> Non
 
 
 # --- a running gateway ---------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def running(gw: Gateway) -> AsyncIterator[Addr]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(gw.serve(stop))
-    while gw.api is None:
-        await asyncio.sleep(0.01)
-        if task.done():
-            await task
-    try:
-        yield gw.api.address
-    finally:
-        stop.set()
-        await task
 
 
 async def reload(addr: Addr, headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -11,9 +11,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
@@ -30,6 +29,7 @@ from gateway.fog import FogStore
 from gateway.model import Value
 from gateway.runtime import Gateway
 from gateway.writes import Authenticator, WriteRefused, check_value, value_kind
+from hil_tests.gateway.gateway_runner import running
 from hil_tests.gateway.http_client import Addr, fetch, fetch_sync
 from hil_tests.gateway.test_api import conforms
 from retrofit_adapters.base import Adapter, Reading
@@ -236,21 +236,6 @@ def run(coro: Awaitable[T]) -> T:
             return await coro
 
     return asyncio.run(main())
-
-
-@asynccontextmanager
-async def running(gw: Gateway) -> AsyncIterator[Addr]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(gw.serve(stop))
-    while gw.api is None:
-        await asyncio.sleep(0.01)
-        if task.done():
-            await task
-    try:
-        yield gw.api.address
-    finally:
-        stop.set()
-        await task
 
 
 async def until(pred: Callable[[], bool], timeout_s: float = 10.0) -> None:

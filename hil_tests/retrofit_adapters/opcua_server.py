@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tools.net import free_port
+
 _T = TypeVar("_T")
 # asyncua's annotations (NewType'd integers, implicit re-exports) do not pass strict mypy
 ua: Any = asyncua.ua
@@ -80,12 +82,6 @@ VARIABLES: dict[str, Var] = {
     ),
 }
 BROWSE_PREFIX = "/Objects/2:Plant/2:Pump1/2:"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- certificates ---------------------------------------------------------------------------

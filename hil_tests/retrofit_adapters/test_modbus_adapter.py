@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,12 +20,14 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from gateway.errors import BadData, DeviceError, DeviceTimeout, FogmeshError
 from gateway.model import Health, Sample
 from gateway.supervisor import DeviceService
+from hil_tests.aio import eventually, run
 from retrofit_adapters.base import CAP_READ, CAP_WRITE, Reading
 from retrofit_adapters.modbus.adapter import ModbusTcpAdapter
 from retrofit_adapters.modbus.codec import encode_tag
 from retrofit_adapters.modbus.config import ModbusTag, ModbusTcpDevice
 from retrofit_adapters.modbus.plan import plan_reads
 from retrofit_adapters.modbus.transport import acquire, owners, tcp_endpoint
+from tools.net import free_port
 
 HOST = "127.0.0.1"
 SIZE = 400  # registers per table; bits per bit table (a multiple of 16)
@@ -44,25 +45,6 @@ VALUES: list[tuple[str, Any, Any]] = [
     ("string(9)", "PUMP-7A", "fogmesh"),
     ("bool", True, False),
 ]
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout_s: float = 20.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout_s))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 class Server:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 import tty
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,33 +23,16 @@ from pymodbus.simulator.simcore import SimCore
 from gateway.errors import BadData, DeviceError, DeviceTimeout
 from gateway.model import Health, Sample, Value
 from gateway.supervisor import DeviceService
+from hil_tests.aio import eventually, run
 from retrofit_adapters.base import Reading
 from retrofit_adapters.modbus.adapter import ModbusRtuAdapter
 from retrofit_adapters.modbus.codec import encode_tag
 from retrofit_adapters.modbus.config import ModbusRtuDevice
 from retrofit_adapters.modbus.transport import owners
+from tools.net import free_port
 
 HOST = "127.0.0.1"
 SIZE = 160  # registers per table; bits per bit table (a multiple of 16)
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout_s: float = 20.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout_s))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def sim_device(unit: int) -> SimDevice:

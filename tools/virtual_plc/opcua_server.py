@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
@@ -19,6 +18,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import BadOutOfRange
 
+from tools.net import free_port
 from tools.virtual_plc.registers import PlainValue, VirtualPlcError
 
 __all__ = [
@@ -79,12 +79,6 @@ def _nodeid(name: str, idx: int) -> ua.NodeId:
 
 def _qname(name: str, idx: int) -> ua.QualifiedName:
     return ua.QualifiedName(ua.String(name), ua.Int16(idx))
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True, slots=True)
