@@ -36,6 +36,7 @@ from retrofit_adapters.registry import adapter_class
 
 log = logging.getLogger("fogmesh.gateway")
 
+_STOP_GRACE_S = 10.0  # longest wait for a cancelled device service to close its adapter
 _TICK_S = 0.1  # how often windows and heartbeats are checked
 _EDGE_BATCH = 5000  # samples taken from the bus in one go
 AUDIT_FILE = "audit.db"  # in the data directory
@@ -304,8 +305,17 @@ class Gateway:
         tasks = [self._tasks.pop(d) for d in dev_ids if d in self._tasks]
         for t in tasks:
             t.cancel()
-        # Each service closes its adapter within its timeout_ms on the way out.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        # Each service closes its adapter within its timeout_ms on the way out; one that does
+        # not must never hold up a shutdown or a reload, so it is abandoned with an error.
+        _, pending = await asyncio.wait(tasks, timeout=_STOP_GRACE_S)
+        if pending:
+            log.error(
+                "devices did not stop within %.0f s and were abandoned: %s",
+                _STOP_GRACE_S,
+                ", ".join(sorted(t.get_name() for t in pending)),
+            )
 
     # --- reload ------------------------------------------------------------------------
 

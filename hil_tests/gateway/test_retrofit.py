@@ -173,7 +173,3 @@ node = "ns=2;s=Pump1.Flow"
         good = asyncio.run(scenario(server.endpoint, "right-password"))
         (st,) = good.device_statuses()
         assert st.health is Health.OK and "flow" in st.last_values
-        bad = asyncio.run(scenario(server.endpoint, "wrong-password"))
-        (st,) = bad.device_statuses()
-        assert st.health is not Health.OK and st.errors_total >= 1
-        assert st.last_error is not None and "wrong-password" not in st.last_error
