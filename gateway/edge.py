@@ -1,5 +1,6 @@
-"""The edge stage: turns the bus's samples into what goes upstream — window summaries, rule events
-and, for tags that ask for it, raw values reported by exception. The exact semantics are in docs/edge.md.
+"""The edge stage: turns the bus's samples into what goes upstream — window summaries, rule events,
+model events and, for tags that ask for it, raw values reported by exception. The exact semantics
+are in docs/edge.md.
 """
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from gateway.config.fragments import TagBase
-from gateway.config.models import GatewayConfig, RuleConfig
+from gateway.config.models import GatewayConfig, ModelConfig, RuleConfig
+from gateway.inference import ModelRunner, ModelStats, load_runners
 from gateway.model import KIND_EVENT, KIND_RAW, KIND_SUMMARY, Outgoing, Quality, Sample, Value
 from retrofit_adapters.simulated.config import SimulatedDevice
 
@@ -30,8 +33,16 @@ class EdgeStats:
     samples_late: int = 0  # samples whose window was already closed; dropped from windows only
     raw_out: int = 0
     summaries_out: int = 0
-    events_out: int = 0
+    events_out: int = 0  # rule and model events
     unknown_tag_samples: int = 0  # (device, tag) not in the config, or device disabled
+    # [[models]], summed over the stage's models (a tag in two models counts twice)
+    model_samples_bad: int = 0  # BAD, non-finite or non-numeric samples of model tags
+    model_rows: int = 0  # complete rows
+    model_rows_dropped: int = 0  # complete rows with a bad value, not scored
+    model_inferences: int = 0  # rows scored
+    model_errors: int = 0  # rows whose inference failed
+    model_events: int = 0  # also counted in events_out
+    model_time_s: float = 0.0  # spent scoring rows
 
 
 def _ms(seconds: float) -> int:
@@ -224,6 +235,7 @@ class _Tag:
         "latest_num",
         "latest_q",
         "latest_v",
+        "models",
         "name",
         "raw",
         "rules",
@@ -245,6 +257,7 @@ class _Tag:
         self.db_frac = cfg.deadband_percent / 100.0 if cfg.deadband_percent is not None else None
         self.hb_ms = max(1, _ms(cfg.heartbeat_s)) if cfg.heartbeat_s is not None else None
         self.rules: tuple[_Rule, ...] = ()
+        self.models: tuple[ModelRunner, ...] = ()
         # window cache: the accumulator of the window the last sample fell in
         self.cur_k: int | None = None
         self.cur_acc: _Acc | None = None
@@ -315,8 +328,20 @@ class EdgeStage:
     """
 
     def __init__(
-        self, cfg: GatewayConfig, *, grace_s: float = 0.0, started: float | None = None
+        self,
+        cfg: GatewayConfig,
+        *,
+        grace_s: float = 0.0,
+        started: float | None = None,
+        models: Sequence[ModelConfig] | None = None,
+        base_dir: Path | None = None,
     ) -> None:
+        """`models`: the [[models]] to run (default cfg.models); each is loaded here and bound
+        when its device is an enabled device of cfg with all its tags, else it is listed in
+        `unbound_models`. A model that cannot be loaded raises ConfigError (paths
+        `models[i].path` / `.tags`, i counting in cfg.models when `models` is None).
+        Relative model paths resolve against `base_dir` (default: the working directory).
+        """
         self._grace_ms = max(0, _ms(grace_s))
         # Windows that began before the stage started are incomplete: marked partial.
         self._started_ms = _ms(started) if started is not None else None
@@ -349,6 +374,19 @@ class EdgeStage:
             owner.rules = (*owner.rules, _Rule(rc))
         # Rules on unknown or disabled tags can never fire; the config loader reports them.
         self.unbound_rules: tuple[str, ...] = tuple(unbound)
+        # Only the models this stage can feed are loaded (a stage may hold part of a config).
+        wanted = list(cfg.models if models is None else models)
+
+        def feedable(m: ModelConfig) -> bool:
+            return all((m.device, t) in self._tags for t in m.tags)
+
+        self.unbound_models: tuple[str, ...] = tuple(m.name for m in wanted if not feedable(m))
+        runners = load_runners(wanted, base_dir=base_dir, select=feedable)
+        self._models: tuple[ModelRunner, ...] = tuple(runners)
+        for runner in runners:
+            for name in runner.tags:
+                tag = self._tags[(runner.device, name)]
+                tag.models = (*tag.models, runner)
 
     def process(self, samples: Sequence[Sample]) -> list[Outgoing]:
         """Feed samples into windows; return raw forwards and events they cause, in order."""
@@ -426,6 +464,10 @@ class EdgeStage:
             if t.rules and not bad and num is not None:
                 for r in t.rules:
                     st.events_out += r.feed(num, v, ts_ms, out)
+
+            # Models see every sample of their tags, bad ones too: a bad value spoils its row.
+            for m in t.models:
+                m.feed(t.name, v, ts_ms, quality=q, out=out)
         return out
 
     def tick(self, now: float) -> list[Outgoing]:
@@ -485,4 +527,24 @@ class EdgeStage:
         return out
 
     def stats(self) -> EdgeStats:
-        return replace(self._stats)
+        out = replace(self._stats)
+        for m in self._models:
+            ms = m.stats()
+            out.model_samples_bad += ms.samples_bad
+            out.model_rows += ms.rows
+            out.model_rows_dropped += ms.rows_dropped
+            out.model_inferences += ms.inferences
+            out.model_errors += ms.errors
+            out.model_events += ms.events
+            out.model_time_s += ms.time_s
+            out.events_out += ms.events
+        return out
+
+    @property
+    def models(self) -> tuple[ModelRunner, ...]:
+        """The runners of the bound models, in config order."""
+        return self._models
+
+    def model_stats(self) -> dict[str, ModelStats]:
+        """A snapshot of each bound model's counters, by model name."""
+        return {m.name: m.stats() for m in self._models}

@@ -162,9 +162,18 @@ def effective_tags(dev: DeviceBase) -> list[TagBase]:
     return [t for t in tags if isinstance(t, TagBase)]
 
 
-def _only(cfg: GatewayConfig, devices: list[Any], rules: list[RuleConfig]) -> GatewayConfig:
-    # The stage reads `edge`, `devices` and `rules`; the copy shares everything else.
-    return cfg.model_copy(update={"devices": devices, "rules": rules})
+def _only(
+    cfg: GatewayConfig, devices: list[Any], rules: list[RuleConfig], *, models: bool = True
+) -> GatewayConfig:
+    # The stage reads `edge`, `devices`, `rules` and `models`; the copy shares everything else.
+    # A device's models run in its window stage only, never again in a rule's stage.
+    ids = {d.id for d in devices}
+    keep = [m for m in cfg.models if m.device in ids] if models else []
+    return cfg.model_copy(update={"devices": devices, "rules": rules, "models": keep})
+
+
+def _device_models(cfg: GatewayConfig, dev_id: str) -> list[Any]:
+    return [m for m in cfg.models if m.device == dev_id]
 
 
 class _RuleSlot:
@@ -228,7 +237,7 @@ class EdgeSet:
                 continue
             quiet = tag.model_copy(update={"forward": "none"})
             only = dev.model_copy(update={"tags": [quiet]})
-            rules[rc.name] = _RuleSlot(rc, tag, EdgeStage(_only(cfg, [only], [rc])))
+            rules[rc.name] = _RuleSlot(rc, tag, EdgeStage(_only(cfg, [only], [rc], models=False)))
         by_device: dict[str, list[EdgeStage]] = {}
         for slot in rules.values():
             by_device.setdefault(slot.device, []).append(slot.stage)
@@ -288,8 +297,9 @@ class EdgeSet:
         """Switch to `cfg`; returns what the stages it drops flushed, and the devices enabled
         before and after whose windows were rebuilt.
 
-        A device keeps its stage (its open windows and raw state) when it is still enabled,
-        its effective tags are the same and [edge] did not change, even if its service is
+        A device keeps its stage (its open windows, raw state and model state) when it is
+        still enabled, its effective tags and its [[models]] entries are the same and [edge]
+        did not change, even if its service is
         restarted; otherwise the old stage is flushed now, its current windows marked
         partial, and the new one starts with windows marked partial. Call it after the
         devices that stop have stopped and the bus has been drained, so no sample of theirs
@@ -303,7 +313,12 @@ class EdgeSet:
         for dev_id, dev in devices.items():
             dev_tags = effective_tags(dev)
             old = self._windows.get(dev_id)
-            if old is not None and same_edge and self._tags.get(dev_id) == dev_tags:
+            if (
+                old is not None
+                and same_edge
+                and self._tags.get(dev_id) == dev_tags
+                and _device_models(cfg, dev_id) == _device_models(self._cfg, dev_id)
+            ):
                 windows[dev_id] = old
             else:
                 windows[dev_id] = self._window_stage(cfg, dev, now)

@@ -2,7 +2,8 @@
 
 The only I/O is reading the TOML file, secret files and the environment: structure, secrets and
 references between sections are all checked, and all their problems reported together, before
-the gateway opens a single connection.
+the gateway opens a single connection. Model files (`[[models]] path`) are only made absolute
+here; the edge stage reads and checks them when it is built (gateway.inference.load_runners).
 """
 
 from __future__ import annotations
@@ -152,7 +153,20 @@ def _parse(
     if config is None or found:
         # Not chained to pydantic's error: its text carries the input values, which may be secrets.
         raise ConfigError(_ordered(found, model), source)
+    config = _resolve_model_paths(config, base_dir)
     return LoadedConfig(config=config, path=path, base_dir=base_dir, secrets=secrets)
+
+
+def _resolve_model_paths(cfg: GatewayConfig, base_dir: Path) -> GatewayConfig:
+    # The edge stage gets the GatewayConfig alone, so a model's file is made absolute here,
+    # against the config file's directory like every other relative path of the file.
+    if not any(not Path(m.path).is_absolute() for m in cfg.models):
+        return cfg
+    models = [
+        m if Path(m.path).is_absolute() else m.model_copy(update={"path": str(base_dir / m.path)})
+        for m in cfg.models
+    ]
+    return cfg.model_copy(update={"models": models})
 
 
 # --- TOML syntax ---------------------------------------------------------------------------
@@ -519,6 +533,32 @@ def _check_references(cfg: GatewayConfig) -> list[Found]:
         tags = _tag_names(dev)
         if rule.tag not in tags:
             found.append((("rules", i, "tag"), _no_tag(dev.id, rule.tag, tags)))
+
+    model_first: dict[str, int] = {}
+    for i, m in enumerate(cfg.models):
+        if m.name in model_first:
+            msg = f"duplicate model name {_quote(m.name)} (also models[{model_first[m.name]}])"
+            found.append((("models", i, "name"), msg))
+        else:
+            model_first[m.name] = i
+        if m.device not in first:
+            known = f"devices are: {', '.join(first)}" if first else "no devices are configured"
+            found.append((("models", i, "device"), f"no device {_quote(m.device)}; {known}"))
+            continue
+        dev = devices[first[m.device]]
+        if not dev.enabled:
+            msg = f"device {_quote(dev.id)} is disabled; enable it or remove the model"
+            found.append((("models", i, "device"), msg))
+        tags = _tag_names(dev)
+        seen: dict[str, int] = {}
+        for j, tag in enumerate(m.tags):
+            if tag in seen:
+                msg = f"duplicate tag {_quote(tag)} (also models[{i}].tags[{seen[tag]}])"
+                found.append((("models", i, "tags", j), msg))
+                continue
+            seen[tag] = j
+            if tag not in tags:
+                found.append((("models", i, "tags", j), _no_tag(dev.id, tag, tags)))
     return found
 
 

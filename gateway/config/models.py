@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.config.fragments import (
+    NAME_RE,
     Name,
     NonNegativeFloat,
     PositiveFloat,
@@ -177,6 +178,58 @@ class RuleConfig(Strict):
         return self
 
 
+def _some_tags(v: list[str]) -> list[str]:
+    if not v:
+        raise PydanticCustomError("tags", "give at least one tag")
+    return v
+
+
+def _fraction(v: float) -> float:
+    if not 0 < v <= 1:
+        raise PydanticCustomError("fraction", "must be greater than 0 and 1 or less")
+    return v
+
+
+def _some_path(v: str) -> str:
+    if not v.strip():
+        raise PydanticCustomError("path", "must not be empty")
+    return v
+
+
+ModelTags = Annotated[
+    list[Name],
+    AfterValidator(_some_tags),
+    WithJsonSchema(
+        {"type": "array", "items": {"type": "string", "pattern": NAME_RE.pattern}, "minItems": 1}
+    ),
+]
+Fraction = Annotated[
+    float,
+    AfterValidator(_fraction),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+]
+ModelPath = Annotated[
+    str, AfterValidator(_some_path), WithJsonSchema({"type": "string", "minLength": 1})
+]
+
+
+class ModelConfig(Strict):
+    """An int8 anomaly model scored on the gateway over some tags of one device (docs/edge.md).
+
+    `path` is NAME.tflite; its pipeline is NAME.pipeline.json next to it. `tags` are the
+    pipeline's channels, in order. Active when the smoothed score stays above the pipeline's
+    threshold for `for_samples` rows, cleared at or below threshold × `clear_below`.
+    """
+
+    name: Name
+    device: Name
+    tags: ModelTags
+    path: ModelPath  # relative to the config file
+    severity: Literal["info", "warning", "critical"] = "warning"
+    clear_below: Fraction = 1.0
+    for_samples: int_range(1, 1_000_000) = 1  # type: ignore[valid-type]
+
+
 class GatewayConfig(Strict):
     gateway: GatewaySection
     http: HttpSection = HttpSection()
@@ -184,3 +237,4 @@ class GatewayConfig(Strict):
     edge: EdgeSection = EdgeSection()
     devices: list[Device] = []
     rules: list[RuleConfig] = []
+    models: list[ModelConfig] = []

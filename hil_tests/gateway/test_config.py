@@ -132,7 +132,7 @@ BAD: list[tuple[str, str, list[str]]] = [
         "unknown section",
         HEAD + "[edges]\nwindow_s = 1\n",
         [
-            "edges: unknown key 'edges'; expected one of: gateway, http, uplink, edge, devices, rules"
+            "edges: unknown key 'edges'; expected one of: gateway, http, uplink, edge, devices, rules, models"
         ],
     ),
     (
