@@ -1,8 +1,12 @@
-"""Bit-exact parity of the firmware int8 engine with the TFLM interpreter (the oracle).
+"""Parity of the firmware with the host: the int8 engine with TFLM, the detector with its reference.
 
 `run_parity` runs the same int8 inputs through tflite-micro on the host and through
 firmware/fogmesh/int8.py on the real MicroPython unix port (`-X heapsize=100k`, one process for
-all inputs), and compares every output value.
+all inputs), and compares every output value (bit-exact).
+
+`run_detector_parity` runs one raw series through the host pipeline (models/pipeline.py's
+StreamingScorer and the batch numpy path, both on the host int8 engine) and through
+firmware/fogmesh/detector.py on the unix port, and compares scores, alarms and int8 inputs.
 """
 
 from __future__ import annotations
@@ -19,8 +23,15 @@ import numpy as np
 
 from models.errors import ParityError
 from models.export import export, load
+from models.pipeline import Pipeline, StreamingScorer
 
-__all__ = ["FIRMWARE_DIR", "find_micropython", "oracle_outputs", "run_parity"]
+__all__ = [
+    "FIRMWARE_DIR",
+    "find_micropython",
+    "oracle_outputs",
+    "run_detector_parity",
+    "run_parity",
+]
 
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 HEAPSIZE = "100k"
@@ -113,21 +124,20 @@ def oracle_outputs(tflite: bytes, inputs: np.ndarray) -> np.ndarray:
     return np.stack(rows)
 
 
-def _firmware_outputs(
-    blob: bytes, inputs: np.ndarray, n_out: int, timeout_s: float
-) -> tuple[np.ndarray, dict[str, int]]:
+def _run_micropython(
+    runner: str, files: dict[str, bytes], outputs: list[str], timeout_s: float
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    # One runner process; every input and output travels as a file of its work directory.
     micropython = find_micropython()
     with tempfile.TemporaryDirectory(prefix="fogmesh-parity-") as tmp:
         d = Path(tmp)
-        (d / "runner.py").write_text(_RUNNER)
-        (d / "model.bin").write_bytes(blob)
-        (d / "inputs.bin").write_bytes(inputs.tobytes())
-        args = {
-            "firmware": str(FIRMWARE_DIR),
-            "blob": str(d / "model.bin"),
-            "inputs": str(d / "inputs.bin"),
-            "outputs": str(d / "outputs.bin"),
-        }
+        (d / "runner.py").write_text(runner)
+        args = {"firmware": str(FIRMWARE_DIR)}
+        for name, data in files.items():
+            (d / f"{name}.bin").write_bytes(data)
+            args[name] = str(d / f"{name}.bin")
+        for name in outputs:
+            args[name] = str(d / f"{name}.bin")
         (d / "args.json").write_text(json.dumps(args))
         argv = [str(micropython), "-X", f"heapsize={HEAPSIZE}", str(d / "runner.py"), str(d)]
         try:
@@ -135,10 +145,19 @@ def _firmware_outputs(
         except subprocess.TimeoutExpired as exc:
             raise ParityError(f"the MicroPython runner took longer than {timeout_s} s") from exc
         if proc.returncode != 0:
-            raise ParityError(f"the MicroPython runner failed: {proc.stderr.strip()[-500:]}")
-        stats: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
-        raw = (d / "outputs.bin").read_bytes()
-    outputs = np.frombuffer(raw, dtype=np.int8).reshape(-1, n_out)
+            detail = (proc.stderr.strip() or proc.stdout.strip())[-500:]
+            raise ParityError(f"the MicroPython runner failed (exit {proc.returncode}): {detail}")
+        stats: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return stats, {name: (d / f"{name}.bin").read_bytes() for name in outputs}
+
+
+def _firmware_outputs(
+    blob: bytes, inputs: np.ndarray, n_out: int, timeout_s: float
+) -> tuple[np.ndarray, dict[str, int]]:
+    stats, out = _run_micropython(
+        _RUNNER, {"blob": blob, "inputs": inputs.tobytes()}, ["outputs"], timeout_s
+    )
+    outputs = np.frombuffer(out["outputs"], dtype=np.int8).reshape(-1, n_out)
     return outputs, stats
 
 
@@ -176,5 +195,162 @@ def run_parity(
         "peak_heap_bytes": stats["resident"] + stats["transient"],
         "model_heap_bytes": stats["resident"],
         "inference_alloc_bytes": stats["transient"],
+        "heapsize": HEAPSIZE,
+    }
+
+
+# The detector's runner: pass 1 pushes every row (GC on, timed) and keeps score, int8 input and
+# alarm of each; pass 2 replays the series after reset() and measures what one push allocates,
+# with the GC off from a fresh collect to the end of the push.
+_DETECTOR_RUNNER = """\
+import sys, gc, time, json
+from array import array
+with open(sys.argv[1] + "/args.json") as f:
+    args = json.load(f)
+sys.path.insert(0, args["firmware"])
+from fogmesh.detector import Detector
+gc.collect()
+h0 = gc.mem_alloc()
+with open(args["blob"], "rb") as f:
+    blob = f.read()
+d = Detector(blob)
+gc.collect()
+resident = gc.mem_alloc() - h0
+# The series is streamed from its file row by row (it may be larger than the heap); the
+# outputs are written as they come.
+nch = len(d.channels)
+nf = len(d.xq)
+rowbuf = bytearray(8 * nch)
+row = array("d", bytearray(8 * nch))
+one = array("d", [0.0])
+xqrow = bytearray(nf)
+count = 0
+total_us = 0
+fs = open(args["scores"], "wb")
+fx = open(args["xq"], "wb")
+fa = open(args["alarms"], "wb")
+with open(args["series"], "rb") as f:
+    while f.readinto(rowbuf) == len(rowbuf):
+        vals = array("d", rowbuf)
+        for c in range(nch):
+            row[c] = vals[c]
+        t0 = time.ticks_us()
+        s = d.push(row)
+        total_us += time.ticks_diff(time.ticks_us(), t0)
+        one[0] = s
+        fs.write(one)
+        for j in range(nf):
+            xqrow[j] = d.xq[j] & 0xFF
+        fx.write(xqrow)
+        fa.write(b"\\x01" if d.alarm else b"\\x00")
+        count += 1
+fs.close()
+fx.close()
+fa.close()
+d.reset()
+transient = 0
+with open(args["series"], "rb") as f:
+    while f.readinto(rowbuf) == len(rowbuf):
+        vals = array("d", rowbuf)
+        for c in range(nch):
+            row[c] = vals[c]
+        gc.collect()
+        gc.disable()
+        a = gc.mem_alloc()
+        d.push(row)
+        b = gc.mem_alloc()
+        gc.enable()
+        if b - a > transient:
+            transient = b - a
+print(json.dumps({"count": count, "total_us": total_us, "resident": resident,
+                  "transient": transient, "channels": list(d.channels)}))
+"""
+
+
+def _host_detector(
+    tflite: bytes, pipeline: Pipeline, data: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Streaming scores and int8 inputs (the reference), then batch scores and int8 inputs."""
+    from models.train import TrainedModel, causal_mean  # numpy only; train imports export
+
+    model = TrainedModel.from_tflite(tflite)
+    host_q: list[np.ndarray] = []
+
+    def reconstruct(z: list[float]) -> list[float]:
+        x = np.asarray(z, dtype=np.float64)[None, :]
+        host_q.append(model.quantize(x)[0])
+        out: list[float] = model.reconstruct(x)[0].tolist()
+        return out
+
+    scorer = StreamingScorer(pipeline, reconstruct)
+    stream = np.array([scorer.push(row.tolist()) for row in data])
+    z = pipeline.features(data)
+    batch = causal_mean(model.raw_scores(z), pipeline.smooth)
+    return stream, np.stack(host_q), batch, model.quantize(z)
+
+
+def _firmware_detector(
+    blob: bytes, data: np.ndarray, n_features: int, timeout_s: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Scores, int8 inputs and alarms of firmware/fogmesh/detector.py on the unix port."""
+    stats, out = _run_micropython(
+        _DETECTOR_RUNNER,
+        {"blob": blob, "series": np.ascontiguousarray(data, dtype=np.float64).tobytes()},
+        ["scores", "xq", "alarms"],
+        timeout_s,
+    )
+    scores = np.frombuffer(out["scores"], dtype=np.float64)
+    xq = np.frombuffer(out["xq"], dtype=np.int8).reshape(-1, n_features)
+    alarms = np.frombuffer(out["alarms"], dtype=np.uint8).astype(bool)
+    return scores, xq, alarms, stats
+
+
+def run_detector_parity(
+    tflite_path: str | Path,
+    pipeline: Pipeline,
+    series: np.ndarray,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Score a raw (n, C) series on the host and with firmware/fogmesh/detector.py; compare.
+
+    The blob is `export(tflite, pipeline)`; both sides use the pipeline as the blob holds it
+    (float32 values, `load(blob).pipeline`). The host reference is StreamingScorer on the host
+    int8 engine (`TrainedModel.reconstruct`); the batch numpy path (`Pipeline.features`,
+    `raw_scores`, `causal_mean`) is compared too (`batch_*` keys). `peak_heap_bytes` is what
+    the loaded detector keeps plus the most one push allocates (garbage included).
+    """
+    tflite = Path(tflite_path).read_bytes()
+    blob = export(tflite, pipeline)
+    stored = load(blob).pipeline
+    if stored is None:  # export wrote a pipeline section: load must give it back
+        raise ParityError("the exported blob has no pipeline section")
+    data = np.asarray(series, dtype=np.float64)
+    if data.ndim != 2 or data.shape[1] != len(stored.channels):
+        raise ParityError(
+            f"series of shape {data.shape}, the pipeline has {len(stored.channels)} channels"
+        )
+    host, host_xq, batch, batch_xq = _host_detector(tflite, stored, data)
+    fw, fw_xq, fw_alarm, stats = _firmware_detector(blob, data, stored.n_features, timeout_s)
+    if fw.shape != host.shape or stats["channels"] != list(stored.channels):
+        raise ParityError(f"firmware returned {fw.shape} scores for {host.shape} samples")
+    host_alarm = host > stored.threshold
+    batch_alarm = batch > stored.threshold
+    return {
+        "model": Path(tflite_path).name,
+        "samples": len(data),
+        "channels": len(stored.channels),
+        "features": stored.n_features,
+        "blob_bytes": len(blob),
+        "score_max_abs_diff": float(np.abs(fw - host).max()),
+        "alarm_mismatches": int(np.count_nonzero(fw_alarm != host_alarm)),
+        "int8_input_mismatches": int(np.count_nonzero(fw_xq != host_xq)),
+        "alarms": int(np.count_nonzero(fw_alarm)),
+        "batch_score_max_abs_diff": float(np.abs(fw - batch).max()),
+        "batch_alarm_mismatches": int(np.count_nonzero(fw_alarm != batch_alarm)),
+        "batch_int8_input_mismatches": int(np.count_nonzero(fw_xq != batch_xq)),
+        "us_per_sample_unix_port": round(stats["total_us"] / stats["count"], 1),
+        "peak_heap_bytes": stats["resident"] + stats["transient"],
+        "detector_heap_bytes": stats["resident"],
+        "push_alloc_bytes": stats["transient"],
         "heapsize": HEAPSIZE,
     }

@@ -2,7 +2,8 @@
 
 Pipeline (what a node runs, in order):
 
-1. `models.features.window_features` — value, causal rolling mean and std per channel.
+1. `models.features.window_features` — value, causal rolling mean and std per channel
+   (value − mean and std for `detrend` channels).
 2. `models.features.Standardizer` — fitted on the training rows, clipped to ±clip.
 3. Quantize to the model's int8 input (round half away from zero, saturate), run the int8
    network (`int8_forward`: TFLM's FULLY_CONNECTED arithmetic on the exported blob, the same
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from models.export import Blob, export, load
-from models.features import Standardizer, window_features
+from models.features import Standardizer, channel_kinds, window_features
+from models.pipeline import Pipeline
 
 __all__ = [
     "Detector",
@@ -197,21 +199,32 @@ class DetectorSettings:
     hidden: tuple[int, ...] = (16, 4)
     epochs: int = 200
     seed: int = 0
-    smooth: int = 10
+    smooth: int = 30
     quantile: float = 0.99
-    margin: float = 1.5
+    margin: float = 1.25
+    detrend: tuple[int, ...] = ()  # channels whose level drifts in normal operation
+    # The last `holdout` share of the normal rows is not trained on; the threshold is
+    # calibrated on it, so it sees scores of data the network has not memorised.
+    holdout: float = 0.25
 
 
 @dataclass(frozen=True)
 class Detector:
     settings: DetectorSettings
-    standardizer: Standardizer
+    pipeline: Pipeline
     model: TrainedModel
-    threshold: float
+
+    @property
+    def threshold(self) -> float:
+        return self.pipeline.threshold
+
+    @property
+    def standardizer(self) -> Standardizer:
+        return self.pipeline.standardizer
 
     def scores(self, series: np.ndarray) -> np.ndarray:
         """Smoothed anomaly scores of a raw (n, C) series, one per row (causal throughout)."""
-        z = self.standardizer.transform(window_features(series, self.settings.window))
+        z = self.pipeline.features(series)
         return causal_mean(self.model.raw_scores(z), self.settings.smooth)
 
     def alarms(self, series: np.ndarray) -> np.ndarray:
@@ -224,15 +237,32 @@ def calibrate(scores: np.ndarray, quantile: float, margin: float) -> float:
     return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile) * margin)
 
 
-def fit_detector(series: np.ndarray, settings: DetectorSettings | None = None) -> Detector:
+def fit_detector(
+    series: np.ndarray,
+    settings: DetectorSettings | None = None,
+    channels: Sequence[str] | None = None,
+) -> Detector:
     """Features, standardizer, int8 model and threshold, all from normal rows `series`."""
     s = settings or DetectorSettings()
-    feats = window_features(series, s.window)
-    std = Standardizer.fit(feats, clip=s.clip)
+    data = np.asarray(series, dtype=np.float64)
+    if data.ndim == 1:
+        data = data[:, None]
+    names = list(channels) if channels is not None else [f"ch{i}" for i in range(data.shape[1])]
+    if len(names) != data.shape[1]:
+        raise ValueError(f"{len(names)} channel names for {data.shape[1]} channels")
+    kinds = channel_kinds(data.shape[1], s.detrend)
+    if not 0.0 <= s.holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {s.holdout}")
+    feats = window_features(data, s.window, kinds)
+    n_fit = len(feats) - round(len(feats) * s.holdout)
+    if n_fit < 2 or (s.holdout > 0 and n_fit == len(feats)):
+        raise ValueError(f"{len(feats)} normal rows are too few for holdout {s.holdout}")
+    std = Standardizer.fit(feats[:n_fit], clip=s.clip)
     z = std.transform(feats)
-    model = train(z, hidden=s.hidden, epochs=s.epochs, seed=s.seed)
+    model = train(z[:n_fit], hidden=s.hidden, epochs=s.epochs, seed=s.seed)
+    # Scores run causally over every normal row; the threshold comes from the held-out ones.
     scores = causal_mean(model.raw_scores(z), s.smooth)
-    threshold = calibrate(scores, s.quantile, s.margin)
+    threshold = calibrate(scores[n_fit:] if s.holdout > 0 else scores, s.quantile, s.margin)
     if not math.isfinite(threshold):
         raise ValueError("the calibration scores are not finite")
-    return Detector(s, std, model, threshold)
+    return Detector(s, Pipeline.fitted(names, s.window, kinds, std, s.smooth, threshold), model)

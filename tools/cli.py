@@ -101,21 +101,60 @@ DEFAULT_PARITY_MODEL = "testdata/tiny_ae_int8.tflite"
 def command_model_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from models.errors import ModelFormatError
     from models.export import export
+    from models.pipeline import Pipeline, pipeline_path
 
-    blob = export(Path(args.model).read_bytes())
+    model = Path(args.model)
+    given = Path(args.pipeline) if args.pipeline else None
+    found = given or pipeline_path(model)
+    try:
+        pipeline = Pipeline.load(found) if given or found.exists() else None
+        blob = export(model.read_bytes(), pipeline)
+    except OSError as exc:
+        raise FogmeshError(f"{model}: {exc.strerror or exc}") from exc
+    except ModelFormatError as exc:
+        raise FogmeshError(str(exc)) from exc
     Path(args.output).write_bytes(blob)
-    print(f"{args.output}: {len(blob)} bytes (firmware blob of {args.model})")
+    what = f"with the pipeline of {found}" if pipeline else "network only, no pipeline found"
+    print(f"{args.output}: {len(blob)} bytes (firmware blob of {args.model}, {what})")
     return 0
 
 
 def command_model_parity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from models import parity
+    import numpy as np
 
-    model = args.model or Path(parity.__file__).parent / DEFAULT_PARITY_MODEL
+    from models import parity
+    from models.errors import ModelError
+    from models.pipeline import Pipeline, pipeline_path
+
+    model = Path(args.model or Path(parity.__file__).parent / DEFAULT_PARITY_MODEL)
     result = parity.run_parity(model, n=args.n, seed=args.seed)
+    ok = result["mismatches"] == 0
+    try:
+        from models.litert import agreement
+
+        tflite = model.read_bytes()
+        rng = np.random.default_rng(args.seed)
+        xq = rng.integers(-128, 128, size=(args.n, result["layers"][0]["n_in"]), dtype=np.int8)
+        result["litert"] = agreement(tflite, xq)
+    except ModelError as exc:  # no LiteRT runtime on this machine: say so, TFLM parity stands
+        result["litert"] = {"error": str(exc)}
+    if args.series:
+        try:
+            pipe = Pipeline.load(pipeline_path(model))
+        except ModelError as exc:
+            raise FogmeshError(f"--series needs the model's pipeline: {exc}") from exc
+        names, x = _read_channels(Path(args.series))
+        if len(names) != len(pipe.channels):
+            raise FogmeshError(
+                f"{args.series}: {len(names)} channels, the pipeline has {len(pipe.channels)}"
+            )
+        det = parity.run_detector_parity(model, pipe, x[: args.rows])
+        result["detector"] = det
+        ok = ok and det["alarm_mismatches"] == 0 and det["int8_input_mismatches"] == 0
     if args.json:
         _print_json(result)
     else:
@@ -124,27 +163,64 @@ def command_model_parity(args: argparse.Namespace) -> int:
             f"{result['mismatches']} mismatches; {result['us_per_inference_unix_port']} us per inference "
             f"on the MicroPython unix port, peak heap {result['peak_heap_bytes']} B"
         )
-    return 0 if result["mismatches"] == 0 else 1
+        lite = result["litert"]
+        if "error" not in lite:
+            print(
+                f"LiteRT vs TFLM: {lite['mismatches']} of {lite['outputs_compared']} outputs differ "
+                f"(max {lite['max_abs_diff']})"
+            )
+        if "detector" in result:
+            d = result["detector"]
+            print(
+                f"detector on {d['samples']} rows of {args.series}: {d['alarm_mismatches']} alarm "
+                f"and {d['int8_input_mismatches']} int8 input mismatches, "
+                f"{d['us_per_sample_unix_port']} us per sample"
+            )
+    return 0 if ok else 1
 
 
-_DETECTOR_FLAGS = ("window", "smooth", "quantile", "margin", "epochs", "seed")
+_DETECTOR_FLAGS = ("window", "smooth", "quantile", "margin", "epochs", "seed", "holdout")
 
 
-def _detector_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _DETECTOR_FLAGS if getattr(args, k) is not None}
+def _detector_settings(
+    args: argparse.Namespace, channels: list[str] | None = None
+) -> dict[str, Any]:
+    out = {k: getattr(args, k) for k in _DETECTOR_FLAGS if getattr(args, k) is not None}
+    if args.hidden is not None:
+        out["hidden"] = tuple(int(w) for w in args.hidden.split(",") if w.strip())
+    if args.detrend is not None:
+        names = [n.strip() for n in args.detrend.split(",") if n.strip()]
+        if channels is None:  # a dataset with known channels: evaluate resolves the names
+            out["detrend_names"] = names
+        else:
+            _detector_settings_check(names, channels)
+            out["detrend"] = tuple(channels.index(n) for n in names)
+    return out
 
 
 def command_model_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from models.evaluate import evaluate_skab
-
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise FogmeshError(f"--data-dir {data_dir}: no such directory")
+    settings = _detector_settings(args)
     try:
-        result = evaluate_skab(data_dir, progress=not args.json, **_detector_settings(args))
-    except ValueError as exc:  # a file that is not in SKAB's format
+        if args.dataset == "nab":
+            from models.nab import evaluate_nab
+
+            if "detrend_names" in settings:
+                raise FogmeshError("--detrend: NAB files have one channel, `value`")
+            result = evaluate_nab(data_dir, progress=not args.json, **settings)
+        else:
+            from models.evaluate import SKAB_CHANNELS, evaluate_skab
+
+            names = settings.pop("detrend_names", None)
+            if names is not None:
+                _detector_settings_check(names, list(SKAB_CHANNELS))
+                settings["detrend"] = tuple(SKAB_CHANNELS.index(n) for n in names)
+            result = evaluate_skab(data_dir, progress=not args.json, **settings)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # files not in the format
         raise FogmeshError(str(exc)) from exc
     if not args.verbose:
         result.pop("per_file", None)
@@ -152,63 +228,94 @@ def command_model_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_LABEL_COLUMNS = ("datetime", "anomaly", "changepoint")
+def _detector_settings_check(names: list[str], channels: list[str]) -> None:
+    missing = [n for n in names if n not in channels]
+    if missing:
+        raise FogmeshError(
+            f"--detrend: no channel {', '.join(map(repr, missing))} (channels: {', '.join(channels)})"
+        )
 
 
-def _read_channels(path: Any) -> Any:
-    """The numeric channels of a ';'-separated CSV (SKAB's format); label columns are ignored."""
+_LABEL_COLUMNS = ("datetime", "timestamp", "anomaly", "changepoint")
+
+
+def _read_channels(path: Any) -> tuple[list[str], Any]:
+    """Channel names and (n, C) values of a CSV with a header row, ';'- or ','-separated.
+
+    SKAB's format (';', datetime first) and NAB's (',', `timestamp,value`) both work; time and
+    label columns are ignored.
+    """
     import csv
 
     import numpy as np
 
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=";"))
+            text = f.read()
     except OSError as exc:
         raise FogmeshError(f"{path}: {exc.strerror or exc}") from exc
+    first = text.split("\n", 1)[0]
+    rows = list(csv.reader(text.splitlines(), delimiter=";" if ";" in first else ","))
     if len(rows) < 2:
         raise FogmeshError(f"{path}: no data rows")
     keep = [i for i, name in enumerate(rows[0]) if name.strip().lower() not in _LABEL_COLUMNS]
+    if not keep:
+        raise FogmeshError(f"{path}: no value columns in the header")
     try:
-        return np.array([[float(r[i]) for i in keep] for r in rows[1:] if r], dtype=np.float64)
+        x = np.array([[float(r[i]) for i in keep] for r in rows[1:] if r], dtype=np.float64)
     except (ValueError, IndexError) as exc:
-        raise FogmeshError(
-            f"{path}: not a ';'-separated numeric CSV with a header ({exc})"
-        ) from exc
+        raise FogmeshError(f"{path}: not a numeric CSV with a header ({exc})") from exc
+    return [rows[0][i].strip() for i in keep], x
 
 
 def command_model_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import numpy as np
+
+    from models.pipeline import pipeline_path
     from models.train import DetectorSettings, fit_detector
 
-    x = _read_channels(Path(args.csv))
+    names, x = _read_channels(Path(args.csv))
     if len(x) < args.rows:
         raise FogmeshError(f"{args.csv}: {len(x)} rows, fewer than --rows {args.rows}")
-    det = fit_detector(x[: args.rows], DetectorSettings(**_detector_settings(args)))
+    settings = DetectorSettings(**_detector_settings(args, names))
+    try:
+        det = fit_detector(x[: args.rows], settings, names)
+    except ValueError as exc:
+        raise FogmeshError(str(exc)) from exc
     prefix = Path(args.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".tflite").write_bytes(det.model.tflite)
-    prefix.with_suffix(".bin").write_bytes(det.model.blob)
-    meta = {
-        "source": str(args.csv),
+    tflite = prefix.with_name(prefix.name + ".tflite")
+    blob = prefix.with_name(prefix.name + ".bin")
+    tflite.write_bytes(det.model.tflite)
+    det.pipeline.save(pipeline_path(tflite))
+    from models.export import export
+
+    blob.write_bytes(export(det.model.tflite, det.pipeline))
+    meta: dict[str, Any] = {
+        "source": Path(args.csv).name,
         "rows": args.rows,
+        "channels": names,
         "threshold": det.threshold,
-        "standardizer": {
-            "mean": [float(v) for v in det.standardizer.mean],
-            "std": [float(v) for v in det.standardizer.std],
-            "clip": det.standardizer.clip,
-        },
         "settings": dataclasses.asdict(det.settings),
-        "sizes": det.model.sizes(),
+        "sizes": {**det.model.sizes(), "blob_bytes": blob.stat().st_size},
     }
-    prefix.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if len(x) > args.rows:
+        # Rows after the training rows: how often the model alarms on them (a false alarm
+        # rate when they are normal, as for an anomaly-free recording).
+        alarms = det.alarms(x)[args.rows :]
+        meta["rest_rows"] = len(alarms)
+        meta["rest_alarm_rate"] = round(float(np.mean(alarms)), 4)
+    prefix.with_name(prefix.name + ".json").write_text(
+        json.dumps(meta, indent=2) + "\n", encoding="utf-8"
+    )
     _print_json(
         {
-            "tflite": str(prefix.with_suffix(".tflite")),
-            "blob": str(prefix.with_suffix(".bin")),
-            **meta["sizes"],
-            "threshold": det.threshold,
+            "tflite": str(tflite),
+            "pipeline": str(pipeline_path(tflite)),
+            "blob": str(blob),
+            **meta,
         }
     )
     return 0
@@ -342,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     me.add_argument("model", help="a full-int8 .tflite of dense layers")
     me.add_argument("-o", "--output", required=True, help="where to write the blob")
+    me.add_argument(
+        "--pipeline",
+        default=None,
+        help="the pipeline JSON to fold in (default: NAME.pipeline.json next to the model, if any)",
+    )
     me.set_defaults(func=command_model_export)
 
     def detector_flags(p: argparse.ArgumentParser) -> None:
@@ -362,6 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--epochs", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument(
+            "--holdout",
+            type=float,
+            default=None,
+            help="share of the normal rows kept out of training to calibrate the threshold on",
+        )
+        p.add_argument(
+            "--hidden", default=None, help="hidden layer widths, e.g. 16,4 (mirrored: F→16→4→16→F)"
+        )
+        p.add_argument(
+            "--detrend",
+            default=None,
+            help="channels whose level drifts in normal operation, comma-separated names: "
+            "they enter as value − rolling mean and rolling std only",
+        )
 
     mt = mds.add_parser(
         "train",
@@ -376,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument(
         "--out",
         required=True,
-        help="output prefix: PREFIX.tflite, PREFIX.bin (firmware blob), PREFIX.json",
+        help="output prefix: PREFIX.tflite, PREFIX.pipeline.json, PREFIX.bin (firmware blob v2), PREFIX.json (metrics)",
     )
     detector_flags(mt)
     mt.set_defaults(func=command_model_train)
@@ -384,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate the int8 pipeline with a benchmark's protocol (needs the train extra)",
     )
-    mv.add_argument("--dataset", choices=["skab"], required=True)
+    mv.add_argument("--dataset", choices=["skab", "nab"], required=True)
     mv.add_argument(
         "--data-dir", required=True, help="the dataset's folder (never copied into the project)"
     )
@@ -406,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", type=int, default=1000, help="random inputs besides the edge cases (default 1000)"
     )
     mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument(
+        "--series",
+        default=None,
+        help="a CSV of real rows: also score them with the firmware detector and the host "
+        "(needs NAME.pipeline.json next to the model)",
+    )
+    mp.add_argument("--rows", type=int, default=2000, help="rows of --series to use (default 2000)")
     mp.add_argument("--json", action="store_true")
     mp.set_defaults(func=command_model_parity)
 

@@ -8,6 +8,10 @@
 #   m = Model(open("model.bin", "rb").read())   # checks magic, version, length and CRC32
 #   y = m.run(x)   # x: n_in int8 values (bytes, bytearray or array("b")); y: a reused buffer
 #
+# Blob versions 1 and 2 load. A version 2 blob may carry a pipeline section (features, folded
+# scaling, threshold): Model only checks that it fits and exposes its bytes as m.pipeline (None
+# without one); fogmesh/detector.py parses it. The CRC covers it, so it is checked once, here.
+#
 # The multiply-accumulate loop is viper (machine-word ints); requantization uses Python ints,
 # which grow past 32 bits as it needs (viper ints would overflow on a 32-bit ESP32).
 
@@ -18,9 +22,9 @@ import micropython
 from micropython import const
 
 _MAGIC = b"FMQ8"
-_VERSION = const(1)
-_HEADER = "<4sHHIHHfifi"
+_HEADER = "<4sHHIHHfifi"  # version 1; version 2 appends u32 pipeline section length
 _HEADER_SIZE = const(32)
+_HEADER2_SIZE = const(36)
 _LAYER = "<HHBBbbiii"
 _LAYER_SIZE = const(20)
 _CRC_SIZE = const(4)
@@ -116,14 +120,27 @@ class Model:
         )
         if magic != _MAGIC:
             raise ModelError("bad magic")
-        if version != _VERSION:
+        if version == 1:
+            at = _HEADER_SIZE
+            plen = 0
+        elif version == 2:
+            if n < _HEADER2_SIZE + _CRC_SIZE:
+                raise ModelError("blob truncated")
+            at = _HEADER2_SIZE
+            plen = struct.unpack_from("<I", blob, _HEADER_SIZE)[0]
+        else:
             raise ModelError("unsupported version %d" % version)
         if n != total:
             raise ModelError("blob length %d, header says %d" % (n, total))
-        end = total - _CRC_SIZE
         mv = memoryview(blob)
-        if _crc32(mv[:end]) != struct.unpack_from("<I", blob, end)[0]:
+        if _crc32(mv[: total - _CRC_SIZE]) != struct.unpack_from("<I", blob, total - _CRC_SIZE)[0]:
             raise ModelError("CRC mismatch")
+        # The layers end where the pipeline section (if any) begins.
+        end = total - _CRC_SIZE - plen
+        if plen & 3 or end < at:
+            raise ModelError("bad pipeline section length")
+        self.version = version
+        self.pipeline = mv[end : end + plen] if plen else None
         self.n_in = n_in
         self.n_out = n_out
         # For the application's feature scaling only; inference never touches them.
@@ -133,7 +150,6 @@ class Model:
         self.output_zp = zp_out
         width = 1
         specs = []
-        at = _HEADER_SIZE
         for _ in range(n_layers):
             if at + _LAYER_SIZE > end:
                 raise ModelError("blob truncated")

@@ -61,7 +61,7 @@ def test_loader_rejects_corrupt_blobs(tmp_path: Path) -> None:
         "magic": (_recrc(b"ABCD" + good[4:]), "ModelError: bad magic"),
         "version": (
             _recrc(good[:4] + struct.pack("<H", VERSION + 1) + good[6:]),
-            "ModelError: unsupported version 2",
+            f"ModelError: unsupported version {VERSION + 1}",
         ),
         "crc": (bytes(flipped), "ModelError: CRC mismatch"),
         "truncated": (good[:-10], "ModelError: blob length"),

@@ -69,7 +69,9 @@ def test_evaluate_skab_trivially_separable(tmp_path: Path) -> None:
     assert result["files"] == 2
     assert (result["tp"], result["fp"], result["tn"], result["fn"]) == (60, 0, 90, 0)
     assert result["f1"] == 1.0 and result["far"] == 0.0 and result["mar"] == 0.0
-    assert result["weights_bytes"] == result["macs_per_inference"] == 24 * 16 * 2 + 64 * 2
+    # SKAB's two temperatures enter as [dev, std]: 6 · 3 + 2 · 2 = 22 features.
+    assert result["settings"]["detrend"] == (4, 5)
+    assert result["weights_bytes"] == result["macs_per_inference"] == 22 * 16 * 2 + 64 * 2
     assert [f["file"] for f in result["per_file"]] == ["valve1/0.csv", "valve1/1.csv"]
     with pytest.raises(TypeError):
         evaluate_skab(tmp_path, no_such_setting=1)

@@ -69,3 +69,20 @@ def test_standardizer_fits_train_rows_and_clips() -> None:
     np.testing.assert_allclose(far, [[4.0, -4.0, 0.5]])
     with pytest.raises(ValueError):
         Standardizer.fit(np.zeros((1, 3)))
+
+
+def test_kinds_choose_and_order_features_per_channel() -> None:
+    from models.features import channel_kinds
+
+    x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    kinds = channel_kinds(2, detrend=[1])
+    assert kinds == (("value", "mean", "std"), ("dev", "std"))
+    f = window_features(x, 2, kinds)
+    np.testing.assert_allclose(f[1], [3.0, 2.0, 1.0, 10.0, 10.0])  # dev = 30 − 20
+    assert feature_names(["a", "b"], kinds)[3:] == ["b.dev", "b.std"]
+    with pytest.raises(ValueError, match="unknown feature kind 'x'"):
+        window_features(x, 2, [("x",), ("value",)])
+    with pytest.raises(ValueError, match="kinds gives 1 channels, the series has 2"):
+        window_features(x, 2, [("value",)])
+    with pytest.raises(ValueError, match=r"detrend channels \[5\] out of range"):
+        channel_kinds(2, detrend=[5])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hil_tests.models.conftest import PER_CHANNEL
+from hil_tests.models.test_export import as_v1, make_pipeline
 from models.errors import ParityError
 from models.export import HEADER, LAYER_HEADER, export
 from models.parity import _firmware_outputs, _inputs, find_micropython, oracle_outputs, run_parity
@@ -50,6 +51,16 @@ def test_a_wrong_constant_is_caught() -> None:
     expected = oracle_outputs(tflite, inputs)
     assert np.count_nonzero(got[:, 0] != expected[:, 0]) > 0
     assert np.array_equal(got[:, 1:], expected[:, 1:])
+
+
+def test_firmware_runs_v1_and_v2_blobs_alike(tflite_path: Path) -> None:
+    # A pipeline section and the version 1 layout leave the network untouched on the node.
+    tflite = tflite_path.read_bytes()
+    inputs = _inputs(100, 5, 8, 12)
+    expected = oracle_outputs(tflite, inputs)
+    for blob in (as_v1(export(tflite)), export(tflite, make_pipeline())):
+        got, _ = _firmware_outputs(blob, inputs, 8, 60.0)
+        assert np.array_equal(got, expected)
 
 
 def test_missing_micropython_is_a_clear_error(

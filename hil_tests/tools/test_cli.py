@@ -165,8 +165,62 @@ def test_model_train_and_eval_on_generated_data(tmp_path: Path) -> None:
         timeout_s=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "m" / "pump.bin").read_bytes()[:4] == b"FMQ8"
+    from models.export import load
+    from models.pipeline import Pipeline
+
+    blob = load((tmp_path / "m" / "pump.bin").read_bytes())
+    pipe = Pipeline.load(tmp_path / "m" / "pump.pipeline.json")
+    assert blob.pipeline is not None and blob.pipeline.channels == pipe.channels
+    assert pipe.n_features == 3 * 8 and pipe.threshold > 0
     meta = json.loads((tmp_path / "m" / "pump.json").read_text())
-    assert (
-        meta["threshold"] > 0 and meta["rows"] == 400 and len(meta["standardizer"]["mean"]) == 3 * 8
-    )
+    assert meta["rows"] == 400 and meta["rest_rows"] == 50 and 0 <= meta["rest_alarm_rate"] <= 1
+    assert meta["channels"] == list(pipe.channels)
+
+    # --detrend names a channel of the file; an unknown one is refused, naming the known ones.
+    r = fogmesh(
+        "model", "train", "--csv", str(train_csv), "--out", str(tmp_path / "m" / "x"),
+        "--detrend", "Nope", timeout_s=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "--detrend: no channel 'Nope'" in r.stderr
+    assert "Temperature" in r.stderr and not (tmp_path / "m" / "x.tflite").exists()
+
+
+def test_model_eval_nab_on_generated_data(tmp_path: Path) -> None:
+    """`--dataset nab` reads NAB's layout: realKnownCause/*.csv and labels/combined_windows.json."""
+    (tmp_path / "realKnownCause").mkdir()
+    (tmp_path / "labels").mkdir()
+    rng = np.random.default_rng(3)
+    lines = ["timestamp,value"]
+    for i in range(1200):
+        v = 10 + np.sin(i / 20) + rng.normal(0, 0.05) + (8.0 if 1000 <= i < 1040 else 0.0)
+        lines.append(f"2020-01-{1 + i // 1440:02d} {i % 1440 // 60:02d}:{i % 60:02d}:00,{v:.4f}")
+    (tmp_path / "realKnownCause" / "gen.csv").write_text("\n".join(lines) + "\n")
+    windows = {"realKnownCause/gen.csv": [["2020-01-01 16:30:00", "2020-01-01 17:30:00"]]}
+    (tmp_path / "labels" / "combined_windows.json").write_text(json.dumps(windows))
+    r = fogmesh(
+        "model", "eval", "--dataset", "nab", "--data-dir", str(tmp_path), "--epochs", "20",
+        "--json", timeout_s=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["dataset"] == "nab" and out["files"] == 1 and out["recall"] == 1.0
+    assert out["weights_bytes"] > 0 and out["macs_per_inference"] > 0
+
+
+def test_model_export_folds_in_the_pipeline_next_to_the_model(tmp_path: Path) -> None:
+    from models.export import export, load
+    from models.pipeline import Pipeline, pipeline_path
+
+    model = tmp_path / "ae.tflite"
+    model.write_bytes(Path("models/testdata/tiny_ae_int8.tflite").read_bytes())
+    n = load(export(model.read_bytes())).layers[0].n_in
+    pipe = Pipeline(("a",), 4, (("value",) * n,), (0.0,) * n, (1.0,) * n, 8.0, 3, 0.5)
+    pipe.save(pipeline_path(model))
+    r = fogmesh("model", "export", str(model), "-o", str(tmp_path / "ae.bin"))
+    assert r.returncode == 0, r.stderr
+    assert "with the pipeline of" in r.stdout
+    got = load((tmp_path / "ae.bin").read_bytes()).pipeline
+    assert got is not None and got.window == 4 and got.threshold == 0.5
+    pipeline_path(model).write_text("{not json")
+    r = fogmesh("model", "export", str(model), "-o", str(tmp_path / "bad.bin"))
+    assert r.returncode == 1 and "not JSON" in r.stderr and not (tmp_path / "bad.bin").exists()
