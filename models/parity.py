@@ -36,23 +36,34 @@ __all__ = [
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 HEAPSIZE = "100k"
 
-# Runs on MicroPython with one argument, its work directory (args.json: firmware dir and file
-# names); the port crashes on a command-line argument longer than 255 bytes. Pass 1 times each run()
-# with the GC enabled (its pauses count) and keeps the outputs; pass 2 measures what one
-# run() allocates, with the GC off from a fresh collect to the end of the run.
-_RUNNER = """\
+
+def _runner_head(module: str, cls: str, name: str) -> str:
+    """The start of a runner: read args.json, load the blob into `name = cls(blob)` and
+    measure what that object keeps resident on the heap."""
+    return f"""\
 import sys, gc, time, json
+from array import array
 with open(sys.argv[1] + "/args.json") as f:
     args = json.load(f)
 sys.path.insert(0, args["firmware"])
-from fogmesh.int8 import Model
+from fogmesh.{module} import {cls}
 gc.collect()
 h0 = gc.mem_alloc()
 with open(args["blob"], "rb") as f:
     blob = f.read()
-m = Model(blob)
+{name} = {cls}(blob)
 gc.collect()
 resident = gc.mem_alloc() - h0
+"""
+
+
+# Runs on MicroPython with one argument, its work directory (args.json: firmware dir and file
+# names); the port crashes on a command-line argument longer than 255 bytes. Pass 1 times each run()
+# with the GC enabled (its pauses count) and keeps the outputs; pass 2 measures what one
+# run() allocates, with the GC off from a fresh collect to the end of the run.
+_RUNNER = (
+    _runner_head("int8", "Model", "m")
+    + """\
 with open(args["inputs"], "rb") as f:
     data = f.read()
 n_in = m.n_in
@@ -85,6 +96,7 @@ with open(args["outputs"], "wb") as f:
 print(json.dumps({"count": count, "total_us": total_us, "resident": resident,
                   "transient": transient}))
 """
+)
 
 
 def find_micropython() -> Path:
@@ -202,20 +214,9 @@ def run_parity(
 # The detector's runner: pass 1 pushes every row (GC on, timed) and keeps score, int8 input and
 # alarm of each; pass 2 replays the series after reset() and measures what one push allocates,
 # with the GC off from a fresh collect to the end of the push.
-_DETECTOR_RUNNER = """\
-import sys, gc, time, json
-from array import array
-with open(sys.argv[1] + "/args.json") as f:
-    args = json.load(f)
-sys.path.insert(0, args["firmware"])
-from fogmesh.detector import Detector
-gc.collect()
-h0 = gc.mem_alloc()
-with open(args["blob"], "rb") as f:
-    blob = f.read()
-d = Detector(blob)
-gc.collect()
-resident = gc.mem_alloc() - h0
+_DETECTOR_RUNNER = (
+    _runner_head("detector", "Detector", "d")
+    + """\
 # The series is streamed from its file row by row (it may be larger than the heap); the
 # outputs are written as they come.
 nch = len(d.channels)
@@ -265,6 +266,7 @@ with open(args["series"], "rb") as f:
 print(json.dumps({"count": count, "total_us": total_us, "resident": resident,
                   "transient": transient, "channels": list(d.channels)}))
 """
+)
 
 
 def _host_detector(

@@ -182,19 +182,20 @@ def command_model_parity(args: argparse.Namespace) -> int:
 _DETECTOR_FLAGS = ("window", "smooth", "quantile", "margin", "epochs", "seed", "holdout")
 
 
-def _detector_settings(
-    args: argparse.Namespace, channels: list[str] | None = None
-) -> dict[str, Any]:
+def _detector_settings(args: argparse.Namespace, channels: list[str]) -> dict[str, Any]:
+    """DetectorSettings fields given on the command line; --detrend names one of `channels`."""
     out = {k: getattr(args, k) for k in _DETECTOR_FLAGS if getattr(args, k) is not None}
     if args.hidden is not None:
         out["hidden"] = tuple(int(w) for w in args.hidden.split(",") if w.strip())
     if args.detrend is not None:
         names = [n.strip() for n in args.detrend.split(",") if n.strip()]
-        if channels is None:  # a dataset with known channels: evaluate resolves the names
-            out["detrend_names"] = names
-        else:
-            _detector_settings_check(names, channels)
-            out["detrend"] = tuple(channels.index(n) for n in names)
+        missing = [n for n in names if n not in channels]
+        if missing:
+            raise FogmeshError(
+                f"--detrend: no channel {', '.join(map(repr, missing))} "
+                f"(channels: {', '.join(channels)})"
+            )
+        out["detrend"] = tuple(channels.index(n) for n in names)
     return out
 
 
@@ -204,21 +205,16 @@ def command_model_eval(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise FogmeshError(f"--data-dir {data_dir}: no such directory")
-    settings = _detector_settings(args)
     try:
         if args.dataset == "nab":
             from models.nab import evaluate_nab
 
-            if "detrend_names" in settings:
-                raise FogmeshError("--detrend: NAB files have one channel, `value`")
+            settings = _detector_settings(args, ["value"])
             result = evaluate_nab(data_dir, progress=not args.json, **settings)
         else:
             from models.evaluate import SKAB_CHANNELS, evaluate_skab
 
-            names = settings.pop("detrend_names", None)
-            if names is not None:
-                _detector_settings_check(names, list(SKAB_CHANNELS))
-                settings["detrend"] = tuple(SKAB_CHANNELS.index(n) for n in names)
+            settings = _detector_settings(args, list(SKAB_CHANNELS))
             result = evaluate_skab(data_dir, progress=not args.json, **settings)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # files not in the format
         raise FogmeshError(str(exc)) from exc
@@ -226,14 +222,6 @@ def command_model_eval(args: argparse.Namespace) -> int:
         result.pop("per_file", None)
     _print_json(result)
     return 0
-
-
-def _detector_settings_check(names: list[str], channels: list[str]) -> None:
-    missing = [n for n in names if n not in channels]
-    if missing:
-        raise FogmeshError(
-            f"--detrend: no channel {', '.join(map(repr, missing))} (channels: {', '.join(channels)})"
-        )
 
 
 _LABEL_COLUMNS = ("datetime", "timestamp", "anomaly", "changepoint")
@@ -273,6 +261,7 @@ def command_model_train(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from models.export import export
     from models.pipeline import pipeline_path
     from models.train import DetectorSettings, fit_detector
 
@@ -290,8 +279,6 @@ def command_model_train(args: argparse.Namespace) -> int:
     blob = prefix.with_name(prefix.name + ".bin")
     tflite.write_bytes(det.model.tflite)
     det.pipeline.save(pipeline_path(tflite))
-    from models.export import export
-
     blob.write_bytes(export(det.model.tflite, det.pipeline))
     meta: dict[str, Any] = {
         "source": Path(args.csv).name,
