@@ -10,6 +10,9 @@ import pytest
 
 from tools.mosquitto import Mosquitto, MosquittoError, find_mosquitto
 
+# MicroPython files: hil_tests/firmware/mp_runner.py runs them on the unix port, not pytest.
+collect_ignore_glob = ["firmware/mp/*", "tools/mesh_stub/*"]
+
 
 def _require_mosquitto() -> None:
     try:
