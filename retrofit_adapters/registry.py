@@ -16,6 +16,7 @@ _ADAPTERS: dict[str, str] = {
     "modbus_tcp": "retrofit_adapters.modbus.adapter:ModbusTcpAdapter",
     "modbus_rtu": "retrofit_adapters.modbus.adapter:ModbusRtuAdapter",
     "opcua": "retrofit_adapters.opcua.adapter:OpcUaAdapter",
+    "mesh": "retrofit_adapters.mesh.adapter:MeshAdapter",
 }
 
 

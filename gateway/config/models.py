@@ -22,6 +22,7 @@ from gateway.config.fragments import (
     Strict,
     int_range,
 )
+from retrofit_adapters.mesh.config import MeshDevice
 from retrofit_adapters.modbus.config import ModbusRtuDevice, ModbusTcpDevice
 from retrofit_adapters.opcua.config import OpcUaDevice
 from retrofit_adapters.simulated.config import SimulatedDevice
@@ -34,13 +35,14 @@ DEVICE_MODELS: tuple[type[Strict], ...] = (
     ModbusTcpDevice,
     ModbusRtuDevice,
     OpcUaDevice,
+    MeshDevice,
 )
-DEVICE_TYPES: tuple[str, ...] = ("simulated", "modbus_tcp", "modbus_rtu", "opcua")
+DEVICE_TYPES: tuple[str, ...] = ("simulated", "modbus_tcp", "modbus_rtu", "opcua", "mesh")
 
 # With one member a Union collapses, so the discriminator is added once there are two.
 # mypy sees the plain union of the device models.
 if TYPE_CHECKING:
-    Device = SimulatedDevice | ModbusTcpDevice | ModbusRtuDevice | OpcUaDevice
+    Device = SimulatedDevice | ModbusTcpDevice | ModbusRtuDevice | OpcUaDevice | MeshDevice
 else:
     Device = (
         SimulatedDevice

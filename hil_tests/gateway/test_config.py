@@ -225,20 +225,20 @@ BAD: list[tuple[str, str, list[str]]] = [
     (
         "device type missing",
         HEAD + '[[devices]]\nid = "p1"\n',
-        ["devices[0].type: required; one of: simulated, modbus_tcp, modbus_rtu, opcua"],
+        ["devices[0].type: required; one of: simulated, modbus_tcp, modbus_rtu, opcua, mesh"],
     ),
     (
         "device type unknown",
         HEAD + '[[devices]]\nid = "p1"\ntype = "modbus"\nhost = "10.0.0.5"\n',
         [
-            "devices[0].type: unknown device type 'modbus'; expected one of: simulated, modbus_tcp, modbus_rtu, opcua"
+            "devices[0].type: unknown device type 'modbus'; expected one of: simulated, modbus_tcp, modbus_rtu, opcua, mesh"
         ],
     ),
     (
         "device type not a string",
         HEAD + "[[devices]]\ntype = 5\n",
         [
-            "devices[0].type: must be one of: simulated, modbus_tcp, modbus_rtu, opcua (got integer 5)"
+            "devices[0].type: must be one of: simulated, modbus_tcp, modbus_rtu, opcua, mesh (got integer 5)"
         ],
     ),
     (
@@ -413,7 +413,7 @@ def test_every_problem_is_reported_together_in_file_order() -> None:
         "gateway.id: must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit",
         "http.port: must be an integer (got string '8080')",
         'uplink.mqtt.password: inline secrets are not allowed; use { file = "..." } or { env = "..." }',
-        "devices[0].type: unknown device type 'modbus'; expected one of: simulated, modbus_tcp, modbus_rtu, opcua",
+        "devices[0].type: unknown device type 'modbus'; expected one of: simulated, modbus_tcp, modbus_rtu, opcua, mesh",
         "devices[1].perod_ms: unknown key 'perod_ms'; expected one of: "
         "id, enabled, period_ms, timeout_ms, supervisor, type, model, seed, tags, faults",
         "rules[0]: give `above`, `below`, or both",
