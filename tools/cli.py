@@ -351,6 +351,108 @@ def command_bench_uplink(args: argparse.Namespace) -> int:
     return 0 if result["lost"] == 0 else 1
 
 
+# --- mesh ----------------------------------------------------------------------------------
+
+
+def _mesh_topology(args: argparse.Namespace) -> Any:
+    from tools.mesh.topology import from_spec
+
+    return from_spec(args.topology, args.nodes, args.loss, args.seed)
+
+
+def _run_until_sigterm(coro: Any) -> tuple[bool, Any]:
+    """Run `coro`; SIGTERM cancels it like Ctrl-C does. -> (terminated, result)."""
+    import signal
+
+    async def main() -> tuple[bool, Any]:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        terminated = False
+
+        def on_term() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        try:
+            return False, await task
+        except asyncio.CancelledError:
+            if terminated:
+                return True, None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(main())
+
+
+def command_mesh_sim(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tools.mesh.sim import run_cli
+
+    site_key = None
+    if args.site_key_file:
+        try:
+            text = Path(args.site_key_file).read_text(encoding="ascii").strip()
+            site_key = bytes.fromhex(text)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FogmeshError(
+                f"--site-key-file {args.site_key_file}: expected 32..128 hex digits ({exc})"
+            ) from exc
+    topo = _mesh_topology(args)
+    terminated, _ = _run_until_sigterm(
+        run_cli(
+            topo,
+            seconds=args.seconds,
+            seed=args.seed,
+            workdir=args.workdir,
+            summary_s=args.summary_s,
+            site_key=site_key,
+            as_json=args.json,
+            main=args.main,
+            read_uart=not args.no_uart,
+        )
+    )
+    return 143 if terminated else 0
+
+
+def command_mesh_medium(args: argparse.Namespace) -> int:
+    from tools.mesh.medium import serve
+
+    topo = _mesh_topology(args)
+    terminated, _ = _run_until_sigterm(
+        serve(topo, port=args.port, seed=args.seed, seconds=args.seconds)
+    )
+    return 143 if terminated else 0
+
+
+def command_bench_mesh(args: argparse.Namespace) -> int:
+    from tools.mesh.bench import BenchTimeout, run_mesh_bench
+
+    try:
+        result = run_mesh_bench(
+            nodes=args.nodes,
+            loss=args.loss,
+            seconds=args.seconds,
+            kills=args.kills,
+            seed=args.seed,
+            summary_s=args.summary_s,
+            formation_timeout_s=args.formation_timeout_s,
+            progress=not args.json,
+            main=args.main,
+            settle_s=args.settle_s,
+            control_s=args.control_s,
+            heapsize=args.heapsize,
+        )
+    except BenchTimeout as exc:
+        _print_json({"error": str(exc), "not_joined": exc.missing})
+        return 2
+    _print_json(result)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -559,6 +661,62 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", "-q", action="store_true", help="no live lines")
     d.set_defaults(func=command_demo)
 
+    ms = sub.add_parser("mesh", help="the ESP-NOW mesh in simulation (docs/mesh-sim.md)")
+    mss = ms.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+
+    def mesh_topology_flags(p: argparse.ArgumentParser, nodes: int) -> None:
+        p.add_argument(
+            "--nodes", type=int, default=nodes, help=f"nodes, root included (default {nodes})"
+        )
+        p.add_argument(
+            "--topology",
+            default="line",
+            metavar="line|grid|bench|FILE",
+            help="a line, a grid, the benchmark's layered graph, or a topology JSON file",
+        )
+        p.add_argument(
+            "--loss", type=float, default=None, help="loss of every link, 0..1 (default 0)"
+        )
+        p.add_argument("--seed", type=int, default=0, help="loss and topology seed (default 0)")
+
+    sm = mss.add_parser(
+        "sim",
+        help="run real MicroPython nodes over the simulated radio and show the tree as it forms",
+        description="Starts the radio medium, one MicroPython process per node (firmware/main.py) "
+        "and the root's UART on a pty (WORKDIR/ttyMESH, for a gateway's mesh device).",
+    )
+    mesh_topology_flags(sm, 6)
+    sm.add_argument(
+        "--seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)"
+    )
+    sm.add_argument(
+        "--workdir", default=None, help="node flash directories here (default: a temp dir)"
+    )
+    sm.add_argument(
+        "--summary-s", type=float, default=10.0, help="nodes' summary period (default 10)"
+    )
+    sm.add_argument(
+        "--site-key-file",
+        default=None,
+        help="the site key as hex (default: a random key per run)",
+    )
+    sm.add_argument("--json", action="store_true", help="events as JSON lines, then a summary line")
+    sm.add_argument(
+        "--no-uart",
+        action="store_true",
+        help="leave WORKDIR/ttyMESH to a gateway's mesh device (deliveries are not counted)",
+    )
+    sm.add_argument("--main", default=None, help=argparse.SUPPRESS)  # a stand-in firmware (tests)
+    sm.set_defaults(func=command_mesh_sim)
+    mm = mss.add_parser(
+        "medium",
+        help="only the radio medium: prints its address, then takes JSON fault commands on stdin",
+    )
+    mesh_topology_flags(mm, 6)
+    mm.add_argument("--port", type=int, default=0, help="UDP port (default: any free)")
+    mm.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    mm.set_defaults(func=command_mesh_medium)
+
     b = sub.add_parser("bench", help="benchmarks that print JSON")
     bs = b.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     g = bs.add_parser(
@@ -587,6 +745,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="JSON only (always JSON; this silences progress)"
     )
     u.set_defaults(func=command_bench_uplink)
+    bm = bs.add_parser(
+        "mesh",
+        help="N simulated MicroPython nodes: delivery, reroute, formation, overhead, heap",
+    )
+    bm.add_argument("--nodes", type=int, default=30)
+    bm.add_argument("--loss", type=float, default=0.1, help="loss of every link (default 0.1)")
+    bm.add_argument("--seconds", type=float, default=60.0, help="traffic window after formation")
+    bm.add_argument(
+        "--kills", type=int, default=3, help="parent kills spread over the window (default 3)"
+    )
+    bm.add_argument("--seed", type=int, default=1)
+    bm.add_argument(
+        "--summary-s", type=float, default=5.0, help="nodes' summary period (default 5)"
+    )
+    bm.add_argument(
+        "--formation-timeout-s",
+        type=float,
+        default=120.0,
+        help="exit 2 if the mesh has not formed by then",
+    )
+    bm.add_argument(
+        "--heapsize",
+        default="160k",
+        help="sensor nodes' MicroPython heap, e.g. 100k (default 160k; the root gets 256k)",
+    )
+    bm.add_argument(
+        "--settle-s",
+        type=float,
+        default=130.0,
+        help="after formation, time for Trickle to back off to Imax (default 130)",
+    )
+    bm.add_argument(
+        "--control-s",
+        type=float,
+        default=120.0,
+        help="steady-state window in which control traffic is measured; 0: use the traffic "
+        "window (default 120)",
+    )
+    bm.add_argument(
+        "--json", action="store_true", help="JSON only (always JSON; this silences progress)"
+    )
+    bm.add_argument("--main", default=None, help=argparse.SUPPRESS)  # a stand-in firmware (tests)
+    bm.set_defaults(func=command_bench_mesh)
     return p
 
 

@@ -93,22 +93,72 @@ def _wire_size(row: dict[str, Any]) -> int:
     return len(encode(Envelope(**{k: row[k] for k in fields})))
 
 
+# The demo's sensor mesh: a root and three nodes in a line (up to 3 radio hops), each a real
+# MicroPython process, 10 % loss on every link; the gateway reads the root through a pty.
+MESH_NODES = 4
+MESH_LOSS = 0.1
+MESH_CHANNELS = ("temp", "vib")
+
+
+def mesh_device_toml(port: str, nodes: list[int]) -> str:
+    """The `mesh` device of the demo gateway, with each node's channel means as fog tags."""
+    tags = "".join(
+        f'\n[[devices.tags]]\nname = "n{n}.{ch}.mean"\n' for n in nodes for ch in MESH_CHANNELS
+    )
+    return (
+        "\n# --- the ESP-NOW sensor mesh, through its root node's serial port ------------------\n"
+        f'[[devices]]\nid = "mesh"\ntype = "mesh"\nport = "{port}"\nperiod_ms = 500\n' + tags
+    )
+
+
 async def _run(base: Path, seconds: float, live: bool) -> dict[str, Any]:
+    from tools.mesh import topology
+    from tools.mesh.sim import Sim
     from tools.virtual_plc.plc import VirtualPlc
 
     plc = VirtualPlc(pumps=4, seed=1, faults=DEMO_FAULTS, update_ms=50)
-    async with plc:
+    mesh = Sim(
+        topology.line(MESH_NODES, loss=MESH_LOSS),
+        workdir=base / "mesh",
+        seed=1,
+        summary_s=2.0,
+        read_uart=False,  # the gateway's mesh device owns the serial port
+    )
+    async with plc, mesh:
         t0 = time.time()  # the PLC's fault schedule counts from here
-        assert plc.opcua_endpoint is not None
-        text = demo_config_for(plc.modbus_port, plc.opcua_endpoint)
+        assert plc.opcua_endpoint is not None and mesh.tty_path is not None
+        nodes = sorted(n for n in mesh.nodes if n != mesh.root)
+        text = demo_config_for(plc.modbus_port, plc.opcua_endpoint) + mesh_device_toml(
+            str(mesh.tty_path), nodes
+        )
         loaded = parse_config(text, source="demo.toml", base_dir=base)
         if live:
             print(
                 f"fogmesh demo: virtual PLC on {plc.modbus_url} (Modbus TCP) and {plc.opcua_endpoint} "
-                f"(OPC-UA); {len(loaded.config.devices)} devices for {seconds:g} s; fog store {loaded.sink_url}",
+                f"(OPC-UA); a {MESH_NODES}-node ESP-NOW mesh on {mesh.tty_path}; "
+                f"{len(loaded.config.devices)} devices for {seconds:g} s; fog store {loaded.sink_url}",
                 flush=True,
             )
-        return await _run_gateway(loaded, t0, seconds, live)
+        result = await _run_gateway(loaded, t0, seconds, live)
+        result["mesh"] = _mesh_figures(mesh, result.pop("_mesh_at_fog"))
+        if live:
+            print(mesh.tree(), flush=True)
+        return result
+
+
+def _mesh_figures(mesh: Any, at_fog: int) -> dict[str, Any]:
+    # The root does not join (it is the tree); the figures count the sensor nodes.
+    sensors = [n for n in mesh.nodes.values() if not n.root]
+    times = [n.joined_at for n in sensors if n.joined_at is not None]
+    joined = len(sensors) - len(mesh.unjoined())
+    return {
+        "nodes": len(sensors),
+        "joined": joined,
+        "formation_s": round(max(times), 2) if joined == len(sensors) and times else None,
+        "node_messages": len(mesh.generated()),
+        "peak_heap_bytes": max((n.heap_peak for n in sensors), default=0),
+        "fog_messages": at_fog,
+    }
 
 
 async def _run_gateway(
@@ -200,6 +250,7 @@ def _figures(gw: Gateway, store: FogStore, anomalies: list[Anomaly], t0: float) 
         "queue_depth_at_exit": up.queue_depth,
         "drops": up.drops,
         "fog_store": str(store.path),
+        "_mesh_at_fog": sum(1 for e in envs if e["device"] == "mesh"),
     }
 
 
@@ -228,5 +279,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\nwhat the fog received:")
         for k, v in result.items():
             print(f"  {k:<24} {v}")
-    ok = result["lost"] == 0 and result["anomalies_reported"] == result["anomalies_injected"]
+    mesh = result["mesh"]
+    ok = (
+        result["lost"] == 0
+        and result["anomalies_reported"] == result["anomalies_injected"]
+        and mesh["joined"] == mesh["nodes"]
+        and mesh["fog_messages"] > 0
+    )
     return 0 if ok else 1

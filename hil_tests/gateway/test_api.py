@@ -41,7 +41,7 @@ class FakeView:
     def __init__(self, devices: list[DeviceStatus], uplink: UplinkStats) -> None:
         self.site = "plant-a"
         self.gateway_id = "gw-1"
-        self.started_ts = NOW - 100.0
+        self.started_ts = time.time() - 100.0  # not NOW: collection may precede the test by minutes
         self.devices = devices
         self.uplink = uplink
         self.extra: list[Counter] = []
