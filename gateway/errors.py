@@ -7,7 +7,7 @@
     │   └── BadData            a device answered with values that make no sense
     ├── StoreError             the durable queue or a fog store could not do its job
     ├── UplinkError            the fog sink refused or lost a connection
-    └── WireError              a message can't be encoded, or bytes are not a valid envelope
+    └── WireError              a message can't be encoded, or bytes are not one CBOR item or a valid envelope
 
 Vendor exceptions are mapped at the boundary and raised `from` the original.
 """

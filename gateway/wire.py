@@ -98,18 +98,25 @@ def as_historical(payload: bytes) -> bytes:
     return payload[:-1] + b"\xf5"
 
 
-def decode(payload: bytes | bytearray | memoryview) -> Envelope:
-    """Parse and check an envelope; anything else (garbage, trailing bytes, wrong types) is WireError."""
+def loads_one(payload: bytes | bytearray | memoryview) -> object:
+    """Exactly one CBOR item: garbage or bytes after it are WireError (cbor2.loads ignores
+    trailing bytes). Envelopes, mesh node payloads and the shared test vectors decode with it."""
     raw = bytes(payload)
-    if not raw:
-        raise WireError("empty payload")
     stream = io.BytesIO(raw)
     try:
-        obj = cbor2.CBORDecoder(stream, max_depth=64).decode()
+        obj: object = cbor2.CBORDecoder(stream, max_depth=64).decode()
     except Exception as exc:  # CBORDecodeError, but also ValueError/RecursionError on hostile input
         raise WireError(f"not CBOR: {exc}") from exc
     if stream.tell() != len(raw):
-        raise WireError(f"{len(raw) - stream.tell()} trailing bytes after the envelope")
+        raise WireError(f"{len(raw) - stream.tell()} trailing bytes after the CBOR item")
+    return obj
+
+
+def decode(payload: bytes | bytearray | memoryview) -> Envelope:
+    """Parse and check an envelope; anything else (garbage, trailing bytes, wrong types) is WireError."""
+    if not payload:
+        raise WireError("empty payload")
+    obj = loads_one(payload)
     if not isinstance(obj, dict):
         raise WireError(f"envelope must be a CBOR map, got {type(obj).__name__}")
     version = obj.get("v")

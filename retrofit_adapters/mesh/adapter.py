@@ -10,7 +10,6 @@ Behaviour and tag names: docs/mesh-adapter.md.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import random
@@ -26,6 +25,7 @@ import cbor2
 from gateway.config.fragments import DeviceBase
 from gateway.errors import DeviceError, DeviceTimeout
 from gateway.model import Value
+from gateway.wire import WireError, loads_one
 from retrofit_adapters.base import CAP_READ, CAP_WRITE, Adapter, Reading
 from retrofit_adapters.mesh import uart
 from retrofit_adapters.mesh.config import MeshCommand, MeshDevice, node_tag, parse_node_tag
@@ -545,14 +545,10 @@ class MeshAdapter(Adapter):
 
 
 def _loads(data: bytes) -> object:
-    fp = io.BytesIO(data)
     try:
-        obj = cbor2.CBORDecoder(fp).decode()
-    except Exception as exc:
+        return loads_one(data)
+    except WireError as exc:
         raise _Malformed(f"bad CBOR: {exc}") from exc
-    if fp.tell() != len(data):
-        raise _Malformed(f"bad CBOR: {len(data) - fp.tell()} B after the first item")
-    return obj
 
 
 def _kind(v: object) -> str:
