@@ -7,10 +7,18 @@ functions here so that every error message reads the same way.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # MQTT topic levels must not contain these; names end up in topics.
@@ -146,3 +154,22 @@ class DeviceBase(Strict):
     period_ms: PositiveInt = 1000
     timeout_ms: PositiveInt = 2000
     supervisor: SupervisorConfig = SupervisorConfig()
+
+
+Loc = tuple[str | int, ...]
+
+
+def fail_at(title: str, kind: str, problems: list[tuple[Loc, str, object]]) -> NoReturn:
+    """Raise every problem at its own key, all at once; pydantic nests these locs under the
+    model's own path. For checks that look at several fields of a model together."""
+    raise ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(kind, "{message}", {"message": msg}),
+                loc=loc,
+                input=value,
+            )
+            for loc, msg, value in problems
+        ],
+    )

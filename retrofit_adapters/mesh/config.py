@@ -6,18 +6,20 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import AfterValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gateway.config.fragments import (
     DeviceBase,
+    Loc,
     PositiveFloat,
     PositiveInt,
     Strict,
     TagBase,
+    fail_at,
     int_range,
 )
 
@@ -58,23 +60,6 @@ READ_FIELDS = frozenset(
         "pong",
     ]
 )
-
-Loc = tuple[str | int, ...]
-
-
-def _fail(title: str, problems: list[tuple[Loc, str, object]]) -> NoReturn:
-    """Raise every problem at its own key; pydantic nests these under the model's own path."""
-    raise ValidationError.from_exception_data(
-        title,
-        [
-            InitErrorDetails(
-                type=PydanticCustomError("mesh", "{message}", {"message": msg}),
-                loc=loc,
-                input=value,
-            )
-            for loc, msg, value in problems
-        ],
-    )
 
 
 def node_tag(node: int, field: str) -> str:
@@ -167,7 +152,7 @@ class MeshCommand(Strict):
                 (("min",), f"min {self.min:g} is greater than max {self.max:g}", self.min)
             )
         if problems:
-            _fail("MeshCommand", problems)
+            fail_at("MeshCommand", "mesh", problems)
         return self
 
 
@@ -261,7 +246,7 @@ class MeshDevice(DeviceBase):
                     )
                 )
         if problems:
-            _fail("MeshDevice", problems)
+            fail_at("MeshDevice", "mesh", problems)
         return self
 
     def command(self, key: str) -> MeshCommand | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -18,14 +18,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from gateway.config.fragments import (
     DeviceBase,
+    Loc,
     NonNegativeFloat,
     PositiveInt,
     Strict,
     TagBase,
+    fail_at,
     int_range,
 )
 from retrofit_adapters.modbus.codec import (
@@ -107,23 +109,6 @@ else:
     MaxBits = int_range(1, 2000)
     MaxGap = int_range(0, 125)
     Retries = int_range(0, 5)
-
-Loc = tuple[str | int, ...]
-
-
-def _fail(title: str, problems: list[tuple[Loc, str, object]]) -> NoReturn:
-    """Raise every problem at its own key; pydantic nests these locs under the model's own path."""
-    raise ValidationError.from_exception_data(
-        title,
-        [
-            InitErrorDetails(
-                type=PydanticCustomError("modbus", "{message}", {"message": msg}),
-                loc=loc,
-                input=value,
-            )
-            for loc, msg, value in problems
-        ],
-    )
 
 
 def parse_classic(address: str) -> tuple[Table, int]:
@@ -361,7 +346,7 @@ class ModbusTag(TagBase):
                 )
             )
         if problems:
-            _fail("ModbusTag", problems)
+            fail_at("ModbusTag", "modbus", problems)
         return self
 
     def register_count(self) -> int:
@@ -544,7 +529,7 @@ class ModbusTcpDevice(DeviceBase):
     def _tags_fit(self) -> ModbusTcpDevice:
         problems = _check_tags(self.tags, self.addressing, self.limits, self.period_ms)
         if problems:
-            _fail("ModbusTcpDevice", problems)
+            fail_at("ModbusTcpDevice", "modbus", problems)
         return self
 
     def frame_delay_ms(self) -> float:
@@ -571,7 +556,7 @@ class ModbusRtuDevice(DeviceBase):
     def _tags_fit(self) -> ModbusRtuDevice:
         problems = _check_tags(self.tags, self.addressing, self.limits, self.period_ms)
         if problems:
-            _fail("ModbusRtuDevice", problems)
+            fail_at("ModbusRtuDevice", "modbus", problems)
         return self
 
     def frame_delay_ms(self) -> float:
