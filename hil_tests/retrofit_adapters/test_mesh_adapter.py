@@ -1009,14 +1009,18 @@ def test_a_gateway_with_a_mesh_device_on_the_pty(tmp_path: Path) -> None:
         gw = Gateway(loaded)
         try:
             async with running(gw) as addr:
+
+                def mesh_status() -> Any:
+                    return {s.id: s for s in gw.device_statuses()}["mesh"]
+
+                def seen() -> dict[str, Any]:
+                    return {t: s.value for t, s in mesh_status().last_values.items()}
+
+                # Opening a serial port discards what it had buffered: talk once it is open.
+                await eventually(lambda: mesh_status().health is Health.OK, 5.0)
                 root.hello()
                 root.up(5, 1, SUMMARY)
                 root.status({5: [1, 256, 3]})
-
-                def seen() -> dict[str, Any]:
-                    st = {s.id: s for s in gw.device_statuses()}["mesh"]
-                    return {t: s.value for t, s in st.last_values.items()}
-
                 await eventually(lambda: "mesh.nodes" in seen(), 5.0)
                 status, _, raw = await fetch(addr, "GET", "/api/v1/devices/mesh")
                 assert status == 200
