@@ -67,19 +67,20 @@ async def _node(cfg, hw, log):
 
     # Every module first, then the objects and their buffers: code loaded into a heap not yet
     # cut up by buffers finds the room it needs.
-    from fogmesh.hal import feed, heap_log, tee
-    from fogmesh.mesh import Mesh
+    from fogmesh.hal import feed, heap_log, heap_mark, tee
+    from fogmesh.mesh import make
 
     root = cfg["role"] == "root"
     if root:
+        import fogmesh.root  # noqa: F401 (make() builds a Root)
         from fogmesh.border import Border
     if "sensor" in cfg:
         from fogmesh.app import App
 
         sensor = hw.sensor(cfg["sensor"])
     radio = hw.radio
-    gc.collect()  # the imports' garbage gone before the buffers are cut out of the heap
-    mesh = Mesh(cfg, radio, hw.flash, log)
+    heap_mark()  # (collects: the imports' garbage gone before the buffers are cut out of the heap)
+    mesh = make(cfg, radio, hw.flash, log)
     if root:  # the mesh holds the allow list's keys; the hex text is ~6 KB on a 30-node mesh
         cfg.pop("allow", None)  # (config.py reads it from the file again for a `cfg` command)
     wdt = hw.watchdog(int(cfg["watchdog_s"] * 1000)) if cfg["watchdog_s"] else None

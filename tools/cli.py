@@ -767,8 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm.add_argument(
         "--heapsize",
-        default="160k",
-        help="sensor nodes' MicroPython heap, e.g. 100k (default 160k; the root gets 256k)",
+        default="100k",
+        help="sensor nodes' MicroPython heap (default 100k, an ESP32's; the root gets 256k)",
     )
     bm.add_argument(
         "--settle-s",

@@ -1,23 +1,23 @@
 # The mesh routing protocol: an RPL-lite collection tree on ESP-NOW (docs/mesh.md "Routing";
 # design, state machine and constants explained in docs/mesh-routing.md).
 #
-#   m = Mesh(cfg, radio, "/flash", log)   # cfg: the node's config.json; log(ev, fields)
+#   m = make(cfg, radio, "/flash", log)   # cfg: the node's config.json; log(ev, fields)
 #   asyncio.create_task(m.run())
 #   m.send(seq, cbor)          # node: queue one upward DATA; False: not joined or queue full
-#   m.on_data = f              # root: f(origin, seq, hops, payload) once per (origin, seq)
 #   m.on_down = g              # node: g(command) for a DOWN addressed to it
-#   m.send_down(dest, cbor)    # root: 0 queued, 1 no route (or queue full), 2 too long
+#   (the root's on_data, send_down, routes: fogmesh.root)
 #
 # One Mesh object is built from three modules, each small enough to compile on the device:
 # fogmesh.neighbors.Parents (the parent choice) <- fogmesh.trickle.Sender (timers, beacons, the
-# hop-by-hop send engine) <- Mesh here (config, API, the receive path, join, the root's part).
+# hop-by-hop send engine) <- Mesh here (config, API, the receive path, join). The root is a
+# fogmesh.root.Root, a Mesh with the root's part, in a module only the root loads.
 # The core is synchronous: _rx(mac, frame) handles one received frame, _poll(now) runs the
 # timers and returns the ms until it wants to run again, _pump() makes one radio attempt.
 # run() drives them with asyncio; the unit tests drive them with a fake clock and medium.
 
 # (Import order: the biggest modules compile first, while the heap is emptiest.)
 from fogmesh.trickle import Bag, Sender, Trickle, _keep
-from fogmesh.neighbors import Dedup, Queue, Routes, Table, route_hops, route_next
+from fogmesh.neighbors import Dedup, Queue, Table, route_hops, route_next
 
 import struct
 from binascii import unhexlify
@@ -54,6 +54,15 @@ def _key(name, v):
     raise ValueError("config %s must be 32 hex digits" % name)
 
 
+def make(cfg, radio, flash, log, clock=None):
+    # A Mesh, or on the root (cfg["role"] == "root") a fogmesh.root.Root.
+    if cfg.get("role") == "root":
+        from fogmesh.root import Root
+
+        return Root(cfg, radio, flash, log, clock)
+    return Mesh(cfg, radio, flash, log, clock)
+
+
 class Mesh(Sender):
     def __init__(self, cfg, radio, flash, log, clock=None):
         nid = cfg.get("id")
@@ -68,22 +77,6 @@ class Mesh(Sender):
         self._nodekey = self._net = None
         if not root or "node_key" in cfg:
             self._nodekey = _key("node_key", cfg.get("node_key"))
-        if root:  # the root's admission state lives with its routes
-            r = self._routes = Routes(64)
-            r.netkey = _key("net_key", cfg.get("net_key"))
-            self._net = keys.Mac(r.netkey)
-            r.epoch = e = cfg.get("epoch")
-            allow = cfg.get("allow", {})
-            if not isinstance(e, int) or not 0 <= e <= 255 or not isinstance(allow, dict):
-                raise ValueError("config epoch must be 0..255 and allow a map id -> node key")
-            r.allow = {}
-            for k, v in allow.items():
-                if not (isinstance(k, str) and k.isdigit() and 1 <= int(k) <= 0xFFFE):
-                    raise ValueError("config allow: %r is not a node id" % (k,))
-                r.allow[int(k)] = _key("allow[%s]" % k, v)
-            r.jctr = {}  # id -> last JOIN counter accepted
-            r.buf = bytearray(MAX_PAYLOAD)  # a source route being built
-            r.seq = 0  # seq of the root's DOWN frames
         self._ctr = keys.Counter(flash + "/ctr")
         now = self._clock()
         self.joined = root
@@ -141,10 +134,6 @@ class Mesh(Sender):
             raise TypeError("payload must be bytes")
         if len(payload) > MAX_PAYLOAD:
             raise ValueError("payload of %d bytes > %d" % (len(payload), MAX_PAYLOAD))
-        if self.is_root:
-            if self.on_data is not None:
-                self.on_data(self.id, seq, 0, bytes(payload))
-            return True
         if not self.joined:
             return False
         if self._put(True, T_DATA, 0, HOPS_MAX, self.id, self._root_id, seq, _INF,
@@ -156,19 +145,8 @@ class Mesh(Sender):
     def queued(self):
         return self._q.count()
 
-    def send_down(self, dest, payload):
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError("payload must be bytes")
-        if not self.is_root or not isinstance(dest, int) or dest == self.id:
-            return 1
-        return self._route_send(T_DOWN, dest, payload)
-
     def routes(self):
-        # root: {id: (parent, rank, seconds since last heard)}
-        if not self.is_root:
-            return {}
-        now = self._clock()
-        return {k: (v[0], v[1], ticks_diff(now, v[2]) // 1000) for k, v in self._routes.d.items()}
+        return {}  # a node knows no routes (the root's: fogmesh.root)
 
     def candidates(self):
         return [n.id for n in self._cset]
@@ -285,26 +263,6 @@ class Mesh(Sender):
         st = self.stats
         n.child = now
         pl = frame.payload(msg)
-        if self.is_root:
-            if typ == T_DAO:
-                if len(pl) < 4:
-                    return self._drop("bad_frame")
-                self._routes.update(origin, pl[0] << 8 | pl[1], pl[2] << 8 | pl[3], now)
-            elif typ == T_JOIN:
-                self._root_join(pl, origin, None, now)
-            else:
-                e = self._routes.d.get(origin)
-                if n.id == origin:
-                    self._routes.update(origin, self.id, rank, now)
-                elif e is not None:
-                    e[2] = now
-                if self._dedup.dup(origin, seq):
-                    st["dup"] += 1
-                    return None
-                st["delivered"] += 1
-                if self.on_data is not None:
-                    self.on_data(origin, seq, HOPS_MAX - hops + 1, bytes(pl))
-            return None
         if rank >= _INF or (self.rank < _INF and rank <= self.rank):
             # A rank error (RPL data-path validation): forwarded once flagged, dropped if the
             # flag is set already (the frame is going round a loop).
@@ -343,18 +301,3 @@ class Mesh(Sender):
                      pl if isinstance(msg, bytes) else bytes(pl)) < 0:
             return self._drop("queue_full")
         return None
-
-    def _route_send(self, typ, dest, body):
-        ln = self._routes.encode(dest, self.id, body, self._routes.buf)
-        if ln == -2:
-            return 2
-        first = self._routes.buf[1] << 8 | self._routes.buf[2]
-        if ln < 0 or (self._nbrs.get(first) is None and self._nbrs.joiner(first) is None):
-            self.stats["no_route"] += 1
-            return 1
-        self._routes.seq = (self._routes.seq + 1) & 0xFFFF
-        if self._put(False, typ, 0, HOPS_MAX, self.id, dest, self._routes.seq, first,
-                     bytes(self._routes.buf[:ln])) < 0:
-            self.stats["queue_full"] += 1
-            return 1
-        return 0

@@ -1,14 +1,15 @@
 # The mesh's state one hop away and its bounded tables (docs/mesh-routing.md): neighbours with
 # their link ETX, rank and replay window; Parents, the part of Mesh that picks the parent among
-# them; per-origin duplicate windows; the root's routes; the queue of frames awaiting their hop.
+# them; per-origin duplicate windows; the queue of frames awaiting their hop; reading a source
+# route (the root builds them: fogmesh.root); the fixed CBOR arrays of JOIN and JOINACK.
 #
 #   t = Table(19); n = t.add(id, mac, now, keep)   # evicts the stalest one keep(n) spares
 #   n.sample(tries)            # tries = MAC attempts until the ACK, 0 = never ACKed
 #   n.path()                   # rank through n: n.rank + max(128, ETX*128)
 #   d = Dedup(16); d.dup(origin, seq)    # True for a seq already seen from that origin
-#   r = Routes(64); r.d[id] = [parent, rank, ticks]; r.encode(dest, root, body, buf)
-#   q = Queue(10, 8); i = q.put(own, fields, payload); q.oldest(up); q.free(i)
+#   k = route_hops(pl); route_next(pl, k, me)   # a DOWN's source route: its length, our next hop
 #   cbor_pack([5, 7, b"nonce..."]); cbor_unpack(data, 3)   # JOIN / JOINACK payloads
+#   q = Queue(10, 8); i = q.put(own, fields, payload); q.oldest(up); q.free(i)
 #
 # ETX is kept in fixed point, x128 as in RPL's MRHOF, so that every value stays a small int.
 
@@ -174,52 +175,6 @@ class Dedup:
             return True
         self.bits[i] |= m
         return False
-
-
-class Routes:
-    # The root's view of the tree: d = {id: [parent, rank, last heard ticks]}, at most cap nodes
-    # (the one heard longest ago is replaced).
-    def __init__(self, cap):
-        self.cap = cap
-        self.d = {}
-
-    def update(self, nid, parent, rank, now):
-        # In place when known: no allocation per frame (new long-lived blocks scattered
-        # through the heap are what fragments it).
-        d = self.d
-        e = d.get(nid)
-        if e is not None:
-            e[0], e[1], e[2] = parent, rank, now
-            return
-        if len(d) >= self.cap:
-            old = None
-            for k in d:
-                if old is None or ticks_diff(d[old][2], d[k][2]) > 0:
-                    old = k
-            del d[old]
-        d[nid] = [parent, rank, now]
-
-    def encode(self, dest, root, body, buf):
-        # The source-routed payload: hop count (1 B), the hops from the first one to dest (2 B
-        # each), body. Returns its length; -1: no route (a link unknown, a loop, > 16 hops);
-        # -2: longer than buf.
-        p = []
-        x = dest
-        while x != root:
-            e = self.d.get(x)
-            if e is None or len(p) >= 16 or x in p:
-                return -1
-            p.append(x)
-            x = e[0]
-        k = len(p)
-        n = 1 + 2 * k + len(body)
-        if n > len(buf):
-            return -2
-        buf[0] = k
-        for j in range(k):
-            struct.pack_into(">H", buf, 2 * k - 1 - 2 * j, p[j])
-        buf[1 + 2 * k : n] = body
-        return n
 
 
 def cbor_pack(items):

@@ -2,7 +2,7 @@
 # beacons, and Sender, the part of Mesh that sends on its own: the timers (beacons, DIS,
 # keepalive probes, DAO refresh, stats), the hop-by-hop engine that sends queued frames with
 # up to 6 MAC attempts, samples ETX and leaves a parent after 3 failed frames, and joining
-# (JOIN and its retries, a parent passing JOINs on, the root's admission, the JOINACK). As in
+# (JOIN and its retries, a parent passing JOINs on, the JOINACK; the root's side: root.py). As in
 # Contiki-NG's rpl-timers.c, the timed control traffic lives in one place.
 #
 #   t = Trickle(1000, 64000, 3)
@@ -369,8 +369,7 @@ class Sender(Parents):
     def _rx_join(self, mac, msg, src, now):
         # A JOIN from a node without the network key: forward it whole to the root inside our
         # own JOIN (at most 4 per second), remembering its MAC for the JOINACK's last hop.
-        if self.is_root:
-            return self._root_join(msg, self.id, mac, now)
+        # (The root's own: fogmesh.root.)
         if self.rank >= _INF or self._full(now):
             return self._drop("no_route")
         jr = self._jn.rate
@@ -385,39 +384,3 @@ class Sender(Parents):
         if self._put(False, T_JOIN, 0, HOPS_MAX, self.id, self._root_id, 0, _INF, _keep(msg)) < 0:
             return self._drop("queue_full")
         return None
-
-    def _root_join(self, inner, parent, mac, now):
-        # The root admits a node: its JOIN (inner, whole) verified with its node key from the
-        # allow list, its join counter fresh; the answer wraps the network key in the node key.
-        try:
-            typ, _, _, src, jid, _, _, _, _ = frame.header(inner)
-            key = self._routes.allow.get(jid)
-            if typ != T_JOIN or src != jid or key is None:
-                raise ValueError("unknown node")
-            m = keys.Mac(key)
-            if not frame.check(m, inner):
-                raise ValueError("bad mic")
-            i, jctr, nonce = cbor_unpack(frame.payload(inner), 3)
-            if i != jid or not isinstance(jctr, int) or len(nonce) != 8:
-                raise ValueError("bad payload")
-        except (ValueError, TypeError):
-            return self._drop("join_denied")
-        last = self._routes.jctr.get(jid, -1)
-        if jctr == last:  # the JOIN answered already, passed on again by a relay
-            self.stats["dup"] += 1
-            return None
-        if jctr < last:  # replayed
-            return self._drop("join_denied")
-        if parent != self.id and parent not in self._routes.d:
-            return self._drop("no_route")
-        self._routes.jctr[jid] = jctr
-        wrapped = keys.ctr_crypt(key, nonce, self._routes.netkey)
-        mic = m.tag(b"joinack", struct.pack(">HB", jid, self._routes.epoch), nonce, wrapped)
-        self._routes.update(jid, parent, _INF, now)
-        if mac is not None:
-            self._nbrs.joiner_add(jid, mac)
-        self.stats["joins"] += 1
-        self._log("join", {"id": jid, "parent": parent})
-        self._route_send(T_JOINACK, jid, cbor_pack((jid, self._routes.epoch, nonce, wrapped, mic)))
-        return None
-

@@ -273,6 +273,13 @@ def summarize(
         # ROOT_HEAPSIZE: a border node with PSRAM)
         "peak_heap_bytes": max((x.heap_peak for x in sim.nodes.values() if not x.root), default=0),
         "root_peak_heap_bytes": max((x.heap_peak for x in sim.nodes.values() if x.root), default=0),
+        # of which the code: the live heap once a node's imports were done (hal.heap_mark), and
+        # the most any node's state and traffic took above its code
+        "code_heap_bytes": max((x.heap_code for x in sim.nodes.values() if not x.root), default=0),
+        "peak_heap_above_code_bytes": max(
+            (x.heap_peak - x.heap_code for x in sim.nodes.values() if not x.root and x.heap_code),
+            default=0,
+        ),
         "heapsize": sim.heapsize,
         "root_heapsize": sim.root_heapsize,
         "hop_latency_ms_p50": s_final["hop_latency_ms"]["p50"],

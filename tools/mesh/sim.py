@@ -61,13 +61,12 @@ _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG: Final = 1
 
 
-# The heap a plain ESP32 leaves to MicroPython is ~100 KB, and a sensor node's live heap peaks
-# at ~88-94 KB on this 64-bit port (code included): at 100k, transient allocations fail under
-# load (MemoryError in the mesh's poll), so nodes get 160k until the firmware is made smaller
-# (docs/mesh-sim.md "Memory"). `--heapsize 100k` runs them at the ESP32's figure. The root is the
+# The heap a plain ESP32 leaves to MicroPython is ~100 KB: sensor nodes run at 100k. Their live
+# heap peaks at ~86-92 KB on this 64-bit port, ~72 KB of it the code loaded from .mpy
+# (docs/mesh-sim.md "Memory"); `--heapsize` gives them more for experiments. The root is the
 # mains-powered border node next to the gateway: it holds every node's route, key and join
 # counter, and is meant to be an ESP32 with PSRAM (WROVER: MicroPython's heap is then ~4 MB).
-NODE_HEAPSIZE = "160k"
+NODE_HEAPSIZE = "100k"
 ROOT_HEAPSIZE = "256k"
 
 
@@ -133,6 +132,7 @@ class NodeState:
     parent: int | None = None
     rank: int | None = None
     heap_peak: int = 0
+    heap_code: int = 0  # live heap once boot's imports were done (the `heap` line's `code`)
     gens: set[int] = field(default_factory=set)  # seqs of application messages created
     gen_count: int = 0
     reroutes: list[dict[str, Any]] = field(default_factory=list)
@@ -556,6 +556,9 @@ class Sim:
             peak = ev.get("peak")
             if isinstance(peak, int):
                 node.heap_peak = max(node.heap_peak, peak)
+            code = ev.get("code")
+            if isinstance(code, int):
+                node.heap_code = max(node.heap_code, code)
         elif name == "drop":
             reason = ev.get("reason")
             if isinstance(reason, str):

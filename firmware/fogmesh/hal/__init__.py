@@ -16,11 +16,13 @@
 # Also the small things every part of a node uses, kept here (loaded on every node) rather than
 # in app.py (which a root without a sensor never loads):
 #   log(ev, fields)          # one JSON line {"ev", "t": ticks_ms, ...} on stdout (and tees)
+#                            # (streamed field by field when there is no tee: no big blocks)
 #   tee(fn)                  # fn(line) gets every log line too (the root: T_LOG frames)
 #   path(flash, name), exists(path), unload(module name)
 #   save_json(path, obj)     # atomically: path.tmp, then rename (over the old file)
 #   await feed(wdt)          # feeds a watchdog every second (a node without an application)
 #   heap(collect) -> peak; await heap_log(log)   # the `heap` log line every 5 s
+#   heap_mark()              # main.py, after every import: that live heap is the line's `code`
 #
 # The heap peak is the highest gc.mem_alloc() seen right after a collection. Read at any other
 # moment, mem_alloc() counts the garbage not yet collected as well and climbs towards the heap
@@ -32,7 +34,7 @@ import sys
 from time import ticks_ms
 
 _tees = []
-_peak = [0]
+_peak = [0, 0]  # the highest live heap seen; the live heap once boot's imports were done
 
 
 class HalError(Exception):
@@ -62,16 +64,34 @@ def load(cfg, log=None):
 def log(ev, fields=None):
     import json
 
-    d = {"ev": ev, "t": ticks_ms()}
-    if fields:
-        d.update(fields)
-    line = json.dumps(d)
+    if _tees:  # the line as one string, for the tees
+        d = {"ev": ev, "t": ticks_ms()}
+        if fields:
+            d.update(fields)
+        line = json.dumps(d)
+        try:
+            print(line)
+        except OSError:
+            pass  # stdout gone: nothing to tell it
+        for f in _tees:
+            f(line)
+        return
+    # Streamed, one field at a time: a stats line would otherwise need a copy of its 30-entry
+    # dict and a ~600 B string, contiguous blocks a fragmented heap may lack (a MemoryError).
+    out = sys.stdout
     try:
-        print(line)
+        out.write('{"ev": ')
+        json.dump(ev, out)
+        out.write(', "t": %d' % ticks_ms())
+        if fields:
+            for k in fields:
+                out.write(", ")
+                json.dump(k, out)
+                out.write(": ")
+                json.dump(fields[k], out)
+        out.write("}\n")
     except OSError:
-        pass  # stdout gone: nothing to tell it
-    for f in _tees:
-        f(line)
+        pass  # stdout gone
 
 
 def tee(fn):
@@ -126,6 +146,13 @@ async def feed(wdt):
         await asyncio.sleep_ms(1000)
 
 
+def heap_mark():
+    # The live heap after boot's imports: the modules' code and names (an ESP32 running them
+    # frozen or from ROMFS would hold most of it in flash) plus the few objects made by then.
+    # peak - code is what the node's state, buffers and traffic take.
+    _peak[1] = heap(True)
+
+
 def heap(collect=False):
     import gc
 
@@ -143,5 +170,5 @@ async def heap_log(log, every_ms=5000):
 
     while True:
         p = heap(True)
-        log("heap", {"peak": p, "now": gc.mem_alloc(), "free": gc.mem_free()})
+        log("heap", {"peak": p, "now": gc.mem_alloc(), "free": gc.mem_free(), "code": _peak[1]})
         await asyncio.sleep_ms(every_ms)

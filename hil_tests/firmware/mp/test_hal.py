@@ -67,7 +67,8 @@ def test_uart_over_a_fifo():
     assert got[0] == b"hello" and b"".join(got[1:]) == bytes(range(256)) * 2
     assert max(len(x) for x in got) <= 256
     n = 0
-    while u.write(b"x" * 4096):  # nobody reads: the pipe fills, then writes are dropped
+    chunk = b"x" * 1024
+    while u.write(chunk):  # nobody reads: the pipe fills, then writes are dropped
         n += 1
     assert n > 0 and u.dropped == 1
 
@@ -138,6 +139,28 @@ def test_watchdog_fed_and_stopped():
     mptest.raises(ValueError, linux.Watchdog, 5)
 
 
+_LOG = """import sys
+sys.path.insert(0, %r)
+from fogmesh import hal
+hal.log("s", {"n": 3, "q": 'a "q"', "z": None, "l": [1.5, {"k": 0}]})
+"""
+
+
+def test_log_without_tees_streams_one_json_line():
+    # No tee (every node but the root): written field by field, never as one big string.
+    import json
+
+    d = mptest.tmpdir()
+    with open(d + "/log.py", "w") as f:
+        f.write(_LOG % CACHE)
+    assert os.system(f"{sys.executable} -X heapsize=100k {d}/log.py > {d}/out 2>&1") == 0
+    with open(d + "/out") as f:
+        lines = f.read().splitlines()
+    a = json.loads(lines[0])
+    assert len(lines) == 1 and isinstance(a.pop("t"), int), lines
+    assert a == {"ev": "s", "n": 3, "q": 'a "q"', "z": None, "l": [1.5, {"k": 0}]}, a
+
+
 def test_log_tee_path_exists_unload():
     lines = []
     hal.tee(lines.append)
@@ -163,11 +186,15 @@ def test_heap_peak_and_heap_log():
         t.cancel()
 
     asyncio.new_event_loop()
+    hal.heap_mark()
+    blob = bytearray(3000)  # after the mark: counted in peak, not in code
     asyncio.run(go())
     assert len(logs) >= 3 and logs[0][0] == "heap"
     f = logs[-1][1]
     assert f["peak"] >= logs[0][1]["peak"] > 10000 and f["free"] > 0
     assert hal.heap() == hal._peak[0]
+    assert 10000 < f["code"] <= f["peak"] - 3000, f
+    del blob
 
 
 def test_mpy_cache_and_boot_py():

@@ -28,7 +28,6 @@ from fogmesh.neighbors import (  # noqa: E402
     Dedup,
     Nbr,
     Queue,
-    Routes,
     Table,
     cbor_pack,
     cbor_unpack,
@@ -122,20 +121,21 @@ def test_dedup_window():
 
 
 def test_routes_and_source_routes():
-    r = Routes(3)
+    root = Net(1, []).root  # a fogmesh.root.Root
     for nid, parent in ((2, 1), (3, 2), (4, 3)):
-        r.update(nid, parent, 256, 1000 + nid)
-    buf = bytearray(20)
-    n = r.encode(4, 1, b"cmd", buf)
+        root._route(nid, parent, 256, 1000 + nid)
+    n = root._source_route(4, b"cmd")
+    buf = root._routes.buf
     assert bytes(buf[:n]) == b"\x03\x00\x02\x00\x03\x00\x04cmd"
     assert route_hops(buf[:n]) == 3
     assert [route_next(buf[:n], 3, me) for me in (2, 3, 4, 9)] == [3, 4, None, None]
-    assert r.encode(4, 1, b"x" * 14, buf) == -2  # longer than the buffer
-    assert r.encode(9, 1, b"", buf) == -1  # unknown
-    r.update(2, 4, 256, 1010)  # 2 -> 4 -> 3 -> 2: a loop
-    assert r.encode(4, 1, b"", buf) == -1
-    r.update(5, 1, 128, 1011)  # full: the one heard longest ago (3) goes
-    assert sorted(r.d) == [2, 4, 5]
+    assert root._source_route(4, b"x" * (len(buf) - 6)) == -2  # longer than the buffer
+    assert root._source_route(9, b"") == -1  # unknown
+    root._route(2, 4, 256, 1010)  # 2 -> 4 -> 3 -> 2: a loop
+    assert root._source_route(4, b"") == -1
+    for nid in range(5, 5 + 62):  # 64 routes at most: the one heard longest ago (3) goes
+        root._route(nid, 1, 128, 1011 + nid)
+    assert len(root._routes.d) == 64 and 3 not in root._routes.d and 2 in root._routes.d
     assert route_hops(b"\x02\x00\x01") == 0 and route_hops(b"") == 0  # truncated, empty
 
 
