@@ -317,6 +317,12 @@ def command_virtual_plc(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def command_virtual_esp32(args: argparse.Namespace) -> int:
+    from tools.virtual_esp32.cli import command_virtual_esp32 as run
+
+    return run(args)
+
+
 # --- demo and benchmarks -------------------------------------------------------------------
 
 
@@ -632,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--json", action="store_true")
     mp.set_defaults(func=command_model_parity)
 
+    from tools.virtual_esp32.cli import add_arguments as esp32_arguments
     from tools.virtual_plc.cli import add_arguments as plc_arguments
 
     vd = sub.add_parser("virtual", help="virtual devices for tests, demos and HIL rigs")
@@ -643,6 +650,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plc_arguments(vp)
     vp.set_defaults(func=command_virtual_plc)
+    ve = vds.add_parser(
+        "esp32",
+        help="a virtual ESP32: its ROM bootloader for esptool and MicroPython on a pty for mpremote",
+        description="Serves the ROM serial bootloader at socket://127.0.0.1:PORT over a 4 MB flash "
+        "image, and the running board (MicroPython, its own filesystem) behind a pty at "
+        "--repl-link; prints the endpoints as one JSON line (docs/field-tools.md).",
+    )
+    esp32_arguments(ve)
+    ve.set_defaults(func=command_virtual_esp32)
 
     d = sub.add_parser(
         "demo", help="run a virtual plant through the gateway into an embedded fog store"
