@@ -317,6 +317,12 @@ def command_virtual_plc(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def command_flash(args: argparse.Namespace) -> int:
+    from tools.field.flash import command_flash as run
+
+    return run(args)
+
+
 def command_virtual_esp32(args: argparse.Namespace) -> int:
     from tools.virtual_esp32.cli import command_virtual_esp32 as run
 
@@ -638,8 +644,18 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--json", action="store_true")
     mp.set_defaults(func=command_model_parity)
 
+    from tools.field.flash import add_arguments as flash_arguments
     from tools.virtual_esp32.cli import add_arguments as esp32_arguments
     from tools.virtual_plc.cli import add_arguments as plc_arguments
+
+    fl = sub.add_parser(
+        "flash",
+        help="write a firmware image to an ESP32 through its ROM bootloader and verify it (MD5)",
+        description="Detects the chip, falls back 921600 -> 460800 -> 115200 baud on link "
+        "failures, refuses a board whose MAC is not --expect-mac (docs/field-tools.md).",
+    )
+    flash_arguments(fl)
+    fl.set_defaults(func=command_flash)
 
     vd = sub.add_parser("virtual", help="virtual devices for tests, demos and HIL rigs")
     vds = vd.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
