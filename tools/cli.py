@@ -323,6 +323,18 @@ def command_flash(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def command_logs(args: argparse.Namespace) -> int:
+    from tools.field.logs import command_logs as run
+
+    return run(args)
+
+
+def command_doctor(args: argparse.Namespace) -> int:
+    from tools.field.doctor import command_doctor as run
+
+    return run(args)
+
+
 def command_virtual_esp32(args: argparse.Namespace) -> int:
     from tools.virtual_esp32.cli import command_virtual_esp32 as run
 
@@ -656,6 +668,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flash_arguments(fl)
     fl.set_defaults(func=command_flash)
+
+    from tools.field.doctor import add_arguments as doctor_arguments
+    from tools.field.logs import add_arguments as logs_arguments
+
+    lg = sub.add_parser(
+        "logs",
+        help="follow a node's serial output (read-only), reconnecting after a replug",
+        description="Prints each line the node writes (its JSON log lines as `ev key=value`, or "
+        "as JSON with --json); waits for the port to come back after an unplug.",
+    )
+    logs_arguments(lg)
+    lg.set_defaults(func=command_logs)
+    dr = sub.add_parser(
+        "doctor",
+        help="list serial ports (USB ids, by-id paths) and find out why a board does not answer",
+        description="Checks --port for permission, another process holding it, a missing path "
+        "and a MicroPython REPL answering Ctrl-C; prints each finding with its fix.",
+    )
+    doctor_arguments(dr)
+    dr.set_defaults(func=command_doctor)
 
     vd = sub.add_parser("virtual", help="virtual devices for tests, demos and HIL rigs")
     vds = vd.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
