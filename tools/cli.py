@@ -323,6 +323,18 @@ def command_flash(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def command_deploy(args: argparse.Namespace) -> int:
+    from tools.field.deploy import command_deploy as run
+
+    return run(args)
+
+
+def command_provision(args: argparse.Namespace) -> int:
+    from tools.field.provision import command_provision as run
+
+    return run(args)
+
+
 def command_logs(args: argparse.Namespace) -> int:
     from tools.field.logs import command_logs as run
 
@@ -669,8 +681,28 @@ def build_parser() -> argparse.ArgumentParser:
     flash_arguments(fl)
     fl.set_defaults(func=command_flash)
 
+    from tools.field.deploy import add_arguments as deploy_arguments
     from tools.field.doctor import add_arguments as doctor_arguments
     from tools.field.logs import add_arguments as logs_arguments
+    from tools.field.provision import add_arguments as provision_arguments
+
+    dp = sub.add_parser(
+        "deploy",
+        help="compile firmware/ with mpy-cross and upload what changed to a board (sha256-verified)",
+        description="Interrupts the board (no soft reset), uploads each changed file atomically in "
+        "raw-paste mode, verifies its sha256 on the board, removes stale package files "
+        "(docs/field-tools.md).",
+    )
+    deploy_arguments(dp)
+    dp.set_defaults(func=command_deploy)
+    pv = sub.add_parser(
+        "provision",
+        help="write a node's config.json (derived key, channel, model) to a board",
+        description="The site key comes only from --site-key-file or FOGMESH_SITE_KEY; the board "
+        "gets derived keys only; keys are redacted in every output (docs/field-tools.md).",
+    )
+    provision_arguments(pv)
+    pv.set_defaults(func=command_provision)
 
     lg = sub.add_parser(
         "logs",

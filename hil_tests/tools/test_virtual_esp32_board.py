@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MPREMOTE = str(Path(sys.executable).parent / "mpremote")
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def fs(tmp_path: Path) -> Path:
-    d = tmp_path / "fs"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def board(fs: Path, tmp_path: Path) -> Iterator[VirtualBoard]:
-    with VirtualBoard(fs, tmp_path / "ttyESP32") as b:
-        yield b
 
 
 def mpremote(b: VirtualBoard, *args: str, timeout_s: float = 15.0) -> str:

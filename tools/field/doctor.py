@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import FogmeshError
+from tools.field.cli_common import standalone_main
 
 __all__ = [
     "DoctorError",
@@ -343,16 +344,13 @@ def command_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fogmesh doctor",
-        description="List serial ports and find out why a board does not answer.",
+    return standalone_main(
+        argv,
+        "fogmesh doctor",
+        "List serial ports and find out why a board does not answer.",
+        add_arguments,
+        command_doctor,
     )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return command_doctor(args)
 
 
 if __name__ == "__main__":

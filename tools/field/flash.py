@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import sys
 import threading
@@ -15,9 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import FogmeshError
+from tools.field.cli_common import ProgressBar, failed, standalone_main, succeeded
 
 if TYPE_CHECKING:
     from esp_pylib.logger import EspLogBase
@@ -438,32 +438,6 @@ def flash(
 # --- command line ------------------------------------------------------------------------
 
 
-class _ProgressBar:
-    """A one-line text bar redrawn with \\r on a stream; redraws only when the percent moves."""
-
-    def __init__(self, stream: TextIO, width: int = 30) -> None:
-        self._stream, self._width = stream, width
-        self._percent = -1
-        self._open = False
-
-    def __call__(self, done: int, total: int) -> None:
-        percent = done * 100 // total if total > 0 else 100
-        if percent == self._percent:
-            return
-        self._percent = percent
-        filled = self._width * percent // 100
-        bar = "#" * filled + "." * (self._width - filled)
-        self._stream.write(f"\rwriting [{bar}] {percent:3d}% {done}/{total} bytes")
-        self._stream.flush()
-        self._open = True
-
-    def close(self) -> None:
-        if self._open:
-            self._stream.write("\n")
-            self._stream.flush()
-            self._open = False
-
-
 def _address_arg(text: str) -> int:
     try:
         return int(text, 0)
@@ -551,18 +525,13 @@ def _bad_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def command_flash(args: argparse.Namespace) -> int:
     """Exit 0 written and verified, 1 a FlashError, 2 bad arguments."""
     problem = _bad_arguments(args)
     if problem is not None:
         print(f"fogmesh flash: error: {problem}", file=sys.stderr)
         return 2
-    bar = None if args.json else _ProgressBar(sys.stderr)
+    bar = None if args.json else ProgressBar(sys.stderr, "writing")
     try:
         result = flash(
             args.port,
@@ -577,42 +546,25 @@ def command_flash(args: argparse.Namespace) -> int:
             connect_attempts=args.connect_attempts,
         )
     except FlashError as exc:
-        if bar is not None:
-            bar.close()
-        print(f"fogmesh flash: error: {exc}", file=sys.stderr)
-        if args.json:
-            _print_json({"ok": False, "error": str(exc)})
-        return 1
-    if bar is not None:
-        bar.close()
-    if args.json:
-        _print_json(result.to_json())
-    else:
-        check = "MD5 verified" if result.md5_verified else "MD5 NOT verified"
-        print(
-            f"flashed {result.bytes_written} bytes at {result.address:#x} to {result.chip} "
-            f"{result.mac} on {result.port} at {result.baud} baud in {result.seconds:.1f} s, "
-            f"{check}"
-        )
+        return failed("fogmesh flash", exc, bar, args.json)
+    if succeeded(bar, args.json, result.to_json()):
+        return 0
+    check = "MD5 verified" if result.md5_verified else "MD5 NOT verified"
+    print(
+        f"flashed {result.bytes_written} bytes at {result.address:#x} to {result.chip} "
+        f"{result.mac} on {result.port} at {result.baud} baud in {result.seconds:.1f} s, {check}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fogmesh flash",
-        description="Write a firmware image to an ESP32 in its ROM bootloader and verify it.",
+    return standalone_main(
+        argv,
+        "fogmesh flash",
+        "Write a firmware image to an ESP32 in its ROM bootloader and verify it.",
+        add_arguments,
+        command_flash,
     )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits with 0 for --help and 2 for bad arguments
-        return exc.code if isinstance(exc.code, int) else 2
-    # the retry notices; `fogmesh` itself configures logging for every command
-    logging.basicConfig(level=logging.WARNING, format="fogmesh flash: %(message)s")
-    try:
-        return command_flash(args)
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import FogmeshError
+from tools.field.cli_common import positive_seconds, standalone_main
 
 __all__ = [
     "POLL_S",
@@ -180,16 +181,6 @@ def _json_object(line: str) -> dict[str, Any] | None:
 # --- command line ------------------------------------------------------------------------
 
 
-def _seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--port", required=True, help="serial port, by-id path or pyserial URL (socket://...)"
@@ -201,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--raw", action="store_true", help="the lines exactly as the node wrote them")
     p.add_argument(
         "--seconds",
-        type=_seconds_arg,
+        type=positive_seconds,
         default=None,
         help="stop after this long (default: follow until Ctrl-C)",
     )
@@ -259,16 +250,13 @@ def command_logs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fogmesh logs",
-        description="Follow a node's serial output (read-only), reconnecting after a replug.",
+    return standalone_main(
+        argv,
+        "fogmesh logs",
+        "Follow a node's serial output (read-only), reconnecting after a replug.",
+        add_arguments,
+        command_logs,
     )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return command_logs(args)
 
 
 if __name__ == "__main__":
