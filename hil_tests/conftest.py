@@ -1,4 +1,5 @@
-"""Fixtures shared by every suite: a real Mosquitto broker on a free 127.0.0.1 port."""
+"""Fixtures shared by every suite: a real Mosquitto broker on a free 127.0.0.1 port; and the
+`--hil-port` option that points hil_tests/hil at a real board."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from tools.mosquitto import Mosquitto, MosquittoError, find_mosquitto
 
 # MicroPython files: hil_tests/firmware/mp_runner.py runs them on the unix port, not pytest.
 collect_ignore_glob = ["firmware/mp/*", "tools/mesh_stub/*"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--hil-port",
+        default=None,
+        help="a real board's serial port (/dev/serial/by-id/...) for hil_tests/hil's `real` target",
+    )
 
 
 def _require_mosquitto() -> None:
