@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from gateway.errors import FogmeshError
+from tools.field.provision import build_config
 from tools.mesh import frames
 from tools.mesh.medium import Medium
 from tools.mesh.topology import Topology
@@ -317,27 +318,22 @@ class Sim:
             shutil.rmtree(flash)  # a fresh run is a fresh provisioning
         flash.mkdir(parents=True)
         is_root = nid == self.root
-        cfg: dict[str, Any] = {
-            "id": nid,
-            "role": "root" if is_root else "node",
-            "channel": 1,
-            "node_key": frames.node_key(self.site_key, nid).hex(),
-            "sample_hz": self.sample_hz,
-            "summary_s": self.summary_s,
-            "sim": {"medium": [self.medium.host, self.medium.port]},
-        }
-        if not is_root:  # the root only bridges: every message counted crossed the mesh
-            cfg["sensor"] = {"kind": "gen", "channels": ["temp", "vib"], "seed": nid}
-        else:
+        # The same config `fogmesh provision` writes to a board; the root gets the pty's fd as
+        # its UART and no sensor (it only bridges: every message counted crossed the mesh).
+        if is_root:
             assert self._master is not None
-            cfg["net_key"] = frames.net_key(self.site_key, EPOCH).hex()
-            cfg["epoch"] = EPOCH
-            cfg["allow"] = {
-                str(n): frames.node_key(self.site_key, n).hex()
-                for n in sorted(self.topology.nodes)
-                if n != nid
-            }
-            cfg["uart"] = {"fd": self._master}
+        cfg = build_config(
+            nid,
+            self.site_key,
+            role="root" if is_root else "node",
+            nodes=sorted(self.topology.nodes) if is_root else None,
+            epoch=EPOCH,
+            sensor=None if is_root else {"kind": "gen", "channels": ["temp", "vib"], "seed": nid},
+            uart={"fd": self._master} if is_root else None,
+            sim_medium=(self.medium.host, self.medium.port),
+        )
+        cfg["sample_hz"] = self.sample_hz
+        cfg["summary_s"] = self.summary_s
         cfg.update(self.extra_config)
         (flash / "config.json").write_text(json.dumps(cfg, indent=1) + "\n", encoding="utf-8")
         return NodeState(id=nid, root=is_root, flash=flash)
