@@ -335,6 +335,12 @@ def command_provision(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def command_batch_provision(args: argparse.Namespace) -> int:
+    from tools.field.batch import command_batch_provision as run
+
+    return run(args)
+
+
 def command_logs(args: argparse.Namespace) -> int:
     from tools.field.logs import command_logs as run
 
@@ -703,6 +709,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     provision_arguments(pv)
     pv.set_defaults(func=command_provision)
+    from tools.field.batch import add_arguments as batch_arguments
+
+    bt = sub.add_parser("batch", help="field commands over many boards at once")
+    bts = bt.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    bp = bts.add_parser(
+        "provision",
+        help="deploy and provision every board of a manifest, one worker per port",
+        description="Reads a TOML manifest (site_key_file, deploy, log_dir, [[boards]] port, "
+        "node_id, ...), runs one worker per port, writes a log per board and prints a summary "
+        "(docs/field-tools.md).",
+    )
+    batch_arguments(bp)
+    bp.set_defaults(func=command_batch_provision)
 
     lg = sub.add_parser(
         "logs",

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ __all__ = [
     "open_board",
     "port_holders",
 ]
+
+_STDOUT_LOCK = threading.Lock()  # redirect_stdout swaps the process-wide sys.stdout
 
 log = logging.getLogger("fogmesh.device")
 
@@ -343,7 +346,7 @@ def _enter_raw_repl(transport: Any, port: str, timeout_s: float) -> None:
     seen = io.StringIO()
     for attempt in (1, 2):  # a board printing at boot may swallow the first Ctrl-C
         try:
-            with contextlib.redirect_stdout(seen):
+            with _STDOUT_LOCK, contextlib.redirect_stdout(seen):
                 transport.enter_raw_repl(soft_reset=False, timeout_overall=timeout_s / 2)
             return
         except (OSError, TransportError) as exc:
