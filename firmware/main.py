@@ -31,6 +31,17 @@ def use_mpy(fw):
     return None
 
 
+def _deployed():
+    # A board given .mpy files by `fogmesh deploy` (a virtual ESP32): nothing to build.
+    import os
+
+    try:
+        os.stat("fogmesh/__init__.mpy")
+        return True
+    except OSError:
+        return False
+
+
 def _log(ev, fields):
     # Until fogmesh.hal (and its log) is imported.
     import json
@@ -109,8 +120,9 @@ async def _node(cfg, hw, log):
 def main():
     log = _log
     try:
-        if sys.platform == "linux":
-            use_mpy(__file__[: __file__.rfind("/")] if "/" in __file__ else ".")
+        here = globals().get("__file__", "main.py")  # (a board runs main.py without __file__)
+        if sys.platform == "linux" and not _deployed():
+            use_mpy(here[: here.rfind("/")] if "/" in here else ".")
         import asyncio
         import gc
 

@@ -205,9 +205,13 @@ class Sim:
         read_uart: bool = True,
         capture: int = 2000,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        external: Iterable[int] = (),
     ) -> None:
-        # No I/O here.
+        # No I/O here. `external` nodes are in the topology (the medium relays for them, the
+        # root admits them) but run elsewhere, e.g. on a virtual ESP32 provisioned by
+        # `fogmesh provision --sim-medium`: the Sim neither provisions nor starts them.
         self.topology = topology
+        self.external = frozenset(external)
         self.seed = seed
         self.site_key = site_key if site_key is not None else secrets.token_bytes(32)
         frames.node_key(self.site_key, 1)  # FrameError now if the site key is unusable
@@ -281,7 +285,8 @@ class Sim:
             self.tty_path.unlink()
         self.tty_path.symlink_to(os.ttyname(self._slave))
         for nid in sorted(self.topology.nodes):
-            self.nodes[nid] = self._provision(nid)
+            if nid not in self.external:
+                self.nodes[nid] = self._provision(nid)
         (self.workdir / "sim.json").write_text(
             json.dumps(
                 {
