@@ -519,7 +519,9 @@ def test_writes_take_turns_with_polls(tmp_path: Path) -> None:
         assert [r[0] for r in results] == [200] * 8
         assert sorted(v for _, v in plc.writes) == list(range(8))
         assert plc.most_active == 1  # never a write and a read (or two writes) at once
-        assert plc.reads > 4
+        # Polling went on around the writes (a poll before, three after). Whether one also fell
+        # between two writes depends on scheduling: under load it may not (CI saw 4).
+        assert plc.reads >= 4
 
     run(scenario())
 
