@@ -15,7 +15,6 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from gateway.errors import FogmeshError
@@ -123,34 +122,15 @@ class DeviceToolError(FogmeshError):
 
 
 def port_holders(port: str) -> list[tuple[int, str]]:
-    """(pid, command name) of every process with `port` open, from a /proc/*/fd scan (Linux).
-
-    Unlike fogmesh doctor's scan (`tools.field.doctor.holders`) this counts a process that also
-    holds the pty's master, this one included: here the question is who has the port open at all.
-    """
+    """(pid, command) of every process with `port` open, this one and a pty's own end included:
+    here the question is who has the port open at all (fogmesh doctor's scan, Linux only)."""
     if "://" in port:
         return []
-    target = os.path.realpath(port)
-    found: list[tuple[int, str]] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = list((entry / "fd").iterdir())
-        except OSError:  # gone, or another user's process
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) == target:
-                    name = (entry / "comm").read_text().strip()
-                    found.append((int(entry.name), name))
-                    break
-            except OSError:
-                continue
-    return sorted(found)
+    from tools.field.doctor import command_of, scan_open
+
+    return sorted(
+        (pid, command_of(pid)) for pid, opened, _ in scan_open(port, include_self=True) if opened
+    )
 
 
 def explain_open_error(port: str, exc: BaseException) -> str:
@@ -167,7 +147,8 @@ def explain_open_error(port: str, exc: BaseException) -> str:
             "(sudo usermod -aG dialout $USER, then log in again) or add a udev rule for the board"
         )
     if code in (errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK):
-        holders = [h for h in port_holders(port) if h[0] != os.getpid()] or port_holders(port)
+        everyone = port_holders(port)
+        holders = [h for h in everyone if h[0] != os.getpid()] or everyone
         who = ", ".join(f"pid {pid} ({name})" for pid, name in holders)
         held = f"held by {who}" if who else "held by another program"
         return f"{port} is busy ({held}): close that serial monitor or tool and retry"

@@ -103,7 +103,8 @@ def list_ports(by_id_dir: str = BY_ID_DIR) -> list[PortInfo]:
     return ports
 
 
-def _command(pid: int) -> str:
+def command_of(pid: int) -> str:
+    """The process's command line, or "?" once it is gone."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -116,21 +117,16 @@ def _pty_index(path: str) -> int | None:
     return int(name) if parent == "/dev/pts" and name.isdigit() else None
 
 
-def holders(path: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    """(pid, command) of other processes with `path` open, and of those holding its pty master.
-
-    A pty's master holder is the device itself (a virtual board, a ser2net-like bridge), not a
-    competing client; it is reported apart so that it does not count as "busy".
-    """
+def scan_open(path: str, *, include_self: bool = False) -> list[tuple[int, bool, bool]]:
+    """(pid, has `path` open, holds its pty master) for every process that does either, from a
+    /proc/*/fd scan (Linux); processes of other users are invisible unless run as root."""
     device = os.path.realpath(path)
     index = _pty_index(device)
     me = os.getpid()
-    users: list[tuple[int, str]] = []
-    masters: list[tuple[int, str]] = []
+    found: list[tuple[int, bool, bool]] = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
+        if not entry.name.isdigit() or (int(entry.name) == me and not include_self):
             continue
-        pid = int(entry.name)
         has_slave = has_master = False
         try:
             fds = list((entry / "fd").iterdir())
@@ -149,10 +145,21 @@ def holders(path: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
                 except OSError:
                     continue
                 has_master = has_master or f"tty-index:\t{index}\n" in info
-        if has_master:
-            masters.append((pid, _command(pid)))
-        elif has_slave:
-            users.append((pid, _command(pid)))
+        if has_slave or has_master:
+            found.append((int(entry.name), has_slave, has_master))
+    return found
+
+
+def holders(path: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(pid, command) of other processes with `path` open, and of those holding its pty master.
+
+    A pty's master holder is the device itself (a virtual board, a ser2net-like bridge), not a
+    competing client; it is reported apart so that it does not count as "busy".
+    """
+    users: list[tuple[int, str]] = []
+    masters: list[tuple[int, str]] = []
+    for pid, _, has_master in scan_open(path):
+        (masters if has_master else users).append((pid, command_of(pid)))
     return users, masters
 
 
