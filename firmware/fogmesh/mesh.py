@@ -54,6 +54,16 @@ def _key(name, v):
     raise ValueError("config %s must be 32 hex digits" % name)
 
 
+def _check(seq, payload):
+    # send()'s arguments, on a node and on the root alike.
+    if not isinstance(seq, int) or not 0 <= seq <= 0xFFFF:
+        raise ValueError("seq must be 0..65535, got %r" % (seq,))
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError("payload must be bytes")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("payload of %d bytes > %d" % (len(payload), MAX_PAYLOAD))
+
+
 def make(cfg, radio, flash, log, clock=None):
     # A Mesh, or on the root (cfg["role"] == "root") a fogmesh.root.Root.
     if cfg.get("role") == "root":
@@ -128,12 +138,7 @@ class Mesh(Sender):
 
     # ---- API
     def send(self, seq, payload):
-        if not isinstance(seq, int) or not 0 <= seq <= 0xFFFF:
-            raise ValueError("seq must be 0..65535, got %r" % (seq,))
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError("payload must be bytes")
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError("payload of %d bytes > %d" % (len(payload), MAX_PAYLOAD))
+        _check(seq, payload)
         if not self.joined:
             return False
         if self._put(True, T_DATA, 0, HOPS_MAX, self.id, self._root_id, seq, _INF,
@@ -144,9 +149,6 @@ class Mesh(Sender):
 
     def queued(self):
         return self._q.count()
-
-    def routes(self):
-        return {}  # a node knows no routes (the root's: fogmesh.root)
 
     def candidates(self):
         return [n.id for n in self._cset]

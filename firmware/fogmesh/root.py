@@ -15,7 +15,7 @@ from micropython import const
 
 from fogmesh import frame, keys
 from fogmesh.frame import HOPS_MAX, MAX_PAYLOAD, T_DAO, T_DOWN, T_JOIN, T_JOINACK
-from fogmesh.mesh import Mesh, _key
+from fogmesh.mesh import Mesh, _check, _key
 from fogmesh.neighbors import cbor_pack, cbor_unpack
 from fogmesh.trickle import Bag
 
@@ -48,8 +48,7 @@ class Root(Mesh):
     # ---- API
     def send(self, seq, payload):
         # The root's own messages go straight to on_data (0 hops crossed).
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError("payload must be bytes")
+        _check(seq, payload)
         if self.on_data is not None:
             self.on_data(self.id, seq, 0, bytes(payload))
         return True
